@@ -1,0 +1,158 @@
+"""The training command line: LightningCLI with the project's defaults, callbacks and auto-resume."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import ActionYesNo
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
+from src.data.base import ImageDataModule
+from src.errors import ConfigError, UserError
+from src.models.classifier import ViTClassifier
+
+ROOT_DIR = "data/lightning"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.yaml"
+
+# Values the model must agree with the data on; the DataModule is the single source of each.
+LINKED_FROM_DATA = ("num_classes", "class_names", "image_size", "patch_size", "mean", "std")
+
+
+def default_precision(accelerator: str | Any) -> str:
+    """bf16-mixed on CUDA that supports it, 16-mixed on older CUDA, full 32-bit elsewhere."""
+    wants_cuda = accelerator in ("auto", "cuda", "gpu")
+    if wants_cuda and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+class KeepLoggerVersion(Callback):
+    """Store the TensorBoard version in each checkpoint, so a resumed run extends the same curves."""
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        if trainer.logger is not None:
+            checkpoint["logger_version"] = trainer.logger.version
+
+
+class ViTCLI(LightningCLI):
+    """`python train.py`: parse config + flags, resume from last.ckpt when there is one."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.resume_checkpoint: dict | None = None
+        self.resume_path: Path | None = None
+        super().__init__(
+            ViTClassifier,
+            ImageDataModule,
+            subclass_mode_data=True,
+            run=False,
+            auto_configure_optimizers=False,  # ViTClassifier owns its optimiser groups and schedule
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "accelerator": "auto",
+                "max_epochs": 100,
+                "default_root_dir": ROOT_DIR,
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": ROOT_DIR},
+                },
+                "callbacks": [KeepLoggerVersion()],
+            },
+            **kwargs,
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        """Parse the command line (or `args`), reading configs/cifar10.yaml when no --config is given."""
+        args = sys.argv[1:] if args is None else list(args)
+        if not any(a == "--config" or a.startswith("--config=") for a in args):
+            args = ["--config", str(DEFAULT_CONFIG), *args]
+        self.config = parser.parse_args(args)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--fresh",
+            action=ActionYesNo,
+            default=False,
+            help="Start a new run even if last.ckpt exists; the old checkpoints are moved aside, not deleted.",
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.dirpath": f"{ROOT_DIR}/models",
+                "checkpoint.filename": "epoch{epoch:03d}-acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+            }
+        )
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 20})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        for name in LINKED_FROM_DATA:
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        if config.trainer.precision is None:
+            config.trainer.precision = default_precision(config.trainer.accelerator)
+        models_dir = Path(config.checkpoint.dirpath)
+        last = models_dir / "last.ckpt"
+        if config.fresh:
+            if models_dir.is_dir() and any(models_dir.iterdir()):
+                kept = models_dir.with_name(f"{models_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                models_dir.rename(kept)
+                rank_zero_info(f"Starting fresh: the previous checkpoints were moved to {kept}")
+        elif last.is_file():
+            self.resume_path = last
+            self.resume_checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+            version = self.resume_checkpoint.get("logger_version")
+            logger = config.trainer.logger
+            if version is not None and str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+                logger.init_args.version = version
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            # jsonargparse wraps constructor errors in its own; surface ours as they were raised.
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
+    def after_instantiate_classes(self) -> None:
+        if self.resume_checkpoint is not None:
+            check_compatible(self.model, self.resume_checkpoint, self.resume_path)
+
+
+def check_compatible(model: LightningModule, checkpoint: dict, path: Path) -> None:
+    """Raise one clear ConfigError when the checkpoint's weights do not fit the configured model."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in checkpoint.get("state_dict", {}).items()}
+    problems = [f"{n}: checkpoint {found[n]} vs config {expected[n]}"
+                for n in expected if n in found and found[n] != expected[n]]
+    problems += [f"{n} missing from the checkpoint" for n in expected if n not in found]
+    problems += [f"{n} not in this model" for n in found if n not in expected]
+    if not problems:
+        return
+    saved = checkpoint.get("hyper_parameters", {})
+    differ = [f"{k}={saved[k]!r} (config: {v!r})" for k, v in model.hparams.items()
+              if k in saved and saved[k] != v and k in ("num_classes", "image_size", "patch_size",
+                                                         "dim", "depth", "num_heads", "mlp_ratio")]
+    reason = "; ".join(differ) if differ else "; ".join(problems[:3])
+    raise ConfigError(
+        f"{path} was trained with a different model: {reason}. Resume with the settings it was "
+        f"trained with, or pass --fresh to start a new run (the old checkpoints are kept)."
+    )

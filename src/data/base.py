@@ -1,0 +1,143 @@
+"""What every DataModule offers the model and the CLI: classes, image geometry, transforms, loaders."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from src.data.transforms import Augment, eval_transform, train_transform
+from src.errors import ConfigError
+
+
+def default_num_workers() -> int:
+    """Loader processes: all cores but one for the training process itself, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores - 1))
+
+
+def stratified_split(targets: Sequence[int], sizes: Sequence[int], seed: int) -> list[list[int]]:
+    """Seeded split of indices into parts of exactly `sizes` plus the rest, each class in proportion.
+
+    Returns `[rest, part_1, ..., part_k]`, each sorted. The same targets, sizes and seed always give
+    the same split, whatever the global random state.
+    """
+    targets = torch.as_tensor(targets)
+    n = len(targets)
+    if any(size < 0 for size in sizes) or sum(sizes) >= n:
+        raise ConfigError(f"cannot hold out {list(sizes)} of {n} images and keep some to train on")
+    generator = torch.Generator().manual_seed(seed)
+    pools = []
+    for c in targets.unique():
+        members = torch.nonzero(targets == c).flatten()
+        pools.append(members[torch.randperm(len(members), generator=generator)].tolist())
+    counts = [len(pool) for pool in pools]
+    parts: list[list[int]] = []
+    for size in sizes:
+        # Largest-remainder apportionment: per-class quotas that add up to exactly `size`.
+        exact = [size * count / n for count in counts]
+        quota = [min(int(e), len(pool)) for e, pool in zip(exact, pools)]
+        by_remainder = sorted(range(len(pools)), key=lambda c: quota[c] - exact[c])
+        for c in by_remainder:
+            if sum(quota) == size:
+                break
+            if quota[c] < len(pools[c]):
+                quota[c] += 1
+        parts.append(sorted(i for c, q in enumerate(quota) for i in pools[c][:q]))
+        pools = [pool[q:] for pool, q in zip(pools, quota)]
+    return [sorted(i for pool in pools for i in pool)] + parts
+
+
+class TransformedSubset(Dataset):
+    """The samples of `dataset` at `indices`, with `transform` applied to each image."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, target = self.dataset[self.indices[i]]
+        return self.transform(image), target
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base of the project's DataModules.
+
+    Subclasses set `num_classes`, `class_names`, `image_size`, `mean` and `std` in `__init__` (the CLI
+    links them into the model) and fill `train_set`, `val_set` and `test_set` in `setup`.
+    """
+
+    num_classes: int
+    class_names: list[str]
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(
+        self,
+        patch_size: int = 4,
+        batch_size: int = 128,
+        num_workers: int | None = None,
+        augment: Augment = "randaugment",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
+        if patch_size < 1:
+            raise ConfigError(f"patch_size must be a positive integer, got {patch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ConfigError(f"num_workers must be 0 or more, got {num_workers}")
+        self.patch_size = patch_size
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.augment = augment
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def check_geometry(self) -> None:
+        """Fail at start-up, not mid-epoch, when the patch size does not divide the image."""
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"patch_size={self.patch_size} does not divide image_size={self.image_size}"
+            )
+
+    @property
+    def train_transform(self) -> Callable:
+        """Augmentation + normalisation + patchify for training images."""
+        return train_transform(self.image_size, self.patch_size, self.mean, self.std, self.augment)
+
+    @property
+    def eval_transform(self) -> Callable:
+        """Deterministic preprocessing for validation, test and classify.py."""
+        return eval_transform(self.image_size, self.patch_size, self.mean, self.std)
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split yet")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

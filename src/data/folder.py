@@ -1,0 +1,113 @@
+"""A user's own images: `root/train/<class>/*` with optional `root/val/` and `root/test/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets import ImageFolder
+
+from src.data.base import ImageDataModule, TransformedSubset, stratified_split
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment
+from src.errors import ConfigError, DataError
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image PIL reads (grayscale, RGBA, palette, CMYK, 16-bit) as RGB; name the file on failure."""
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith("I"):
+                # 16-bit grayscale: keep the top 8 bits rather than let convert() clip it to white.
+                image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from error
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Images in class folders, resized to `image_size`, split into train/val/test.
+
+    `root` holds `train/<class>/...` and optionally `val/<class>/...` and `test/<class>/...`; a split
+    that is missing is held out of `train` (seeded, stratified, `val_fraction` / `test_fraction`).
+    A `root` with no `train/` folder is read as the class folders themselves.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 32,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        patch_size: int = 4,
+        batch_size: int = 128,
+        num_workers: int | None = None,
+        augment: Augment = "randaugment",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(patch_size, batch_size, num_workers, augment, seed)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"image folder {self.root} does not exist")
+        self.split_dirs = {
+            split: self.root / split for split in ("train", "val", "test") if (self.root / split).is_dir()
+        }
+        self.split_dirs.setdefault("train", self.root)
+        for name, fraction in [("val_fraction", val_fraction), ("test_fraction", test_fraction)]:
+            if not 0.0 < fraction < 1.0:
+                raise ConfigError(f"{name} must be between 0 and 1, got {fraction}")
+        if image_size < 1:
+            raise ConfigError(f"image_size must be a positive integer, got {image_size}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ConfigError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.class_names = self._class_names(self.split_dirs["train"])
+        self.num_classes = len(self.class_names)
+        for split in ("val", "test"):
+            if split in self.split_dirs and self._class_names(self.split_dirs[split]) != self.class_names:
+                raise DataError(
+                    f"{self.split_dirs[split]} must have the same class folders as "
+                    f"{self.split_dirs['train']}: {', '.join(self.class_names)}"
+                )
+        self.check_geometry()
+
+    @staticmethod
+    def _class_names(folder: Path) -> list[str]:
+        names = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+        if len(names) < 2:
+            raise DataError(
+                f"{folder} has {len(names)} class folder(s); a classifier needs at least 2, "
+                f"laid out as {folder}/<class>/<image>"
+            )
+        return names
+
+    def _scan(self, split: str) -> ImageFolder:
+        try:
+            return ImageFolder(str(self.split_dirs[split]), loader=load_rgb)
+        except FileNotFoundError as error:  # a class folder without a single image file
+            raise DataError(f"{self.split_dirs[split]}: {error}") from error
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train = self._scan("train")
+        held_out = {
+            split: max(1, round(fraction * len(train)))
+            for split, fraction in [("val", self.val_fraction), ("test", self.test_fraction)]
+            if split not in self.split_dirs
+        }
+        rest, *parts = stratified_split(train.targets, list(held_out.values()), self.seed)
+        sets = {split: (train, indices) for split, indices in zip(held_out, parts)}
+        for split in ("val", "test"):
+            if split not in sets:
+                dataset = self._scan(split)
+                sets[split] = (dataset, range(len(dataset)))
+        self.train_set = TransformedSubset(train, rest, self.train_transform)
+        self.val_set = TransformedSubset(*sets["val"], self.eval_transform)
+        self.test_set = TransformedSubset(*sets["test"], self.eval_transform)

@@ -1,0 +1,103 @@
+"""Patchify transform, train/eval augmentation presets and normalisation statistics."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+from src.errors import ConfigError
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Augment = Literal["randaugment", "autoaugment", "none"]
+
+
+class PatchifyTransform:
+    """Cut an image (C, H, W) into a sequence of flattened patches (N, P*P*C), row by row."""
+
+    def __init__(self, patch_size: int) -> None:
+        if patch_size < 1:
+            raise ConfigError(f"patch_size must be a positive integer, got {patch_size}")
+        self.patch_size = patch_size
+
+    def __call__(self, image: Tensor) -> Tensor:
+        C, H, W = image.shape
+        P = self.patch_size
+        if H % P or W % P:
+            raise ConfigError(f"patch_size={P} does not divide the image size {H}x{W}")
+        x = image.reshape(C, H // P, P, W // P, P)  # (C, h, P, w, P)
+        x = x.permute(1, 3, 2, 4, 0)  # (h, w, P, P, C)
+        return x.reshape((H // P) * (W // P), P * P * C)  # (N, P*P*C)
+
+    def inverse(self, patches: Tensor, image_size: int | tuple[int, int]) -> Tensor:
+        """Reassemble (N, P*P*C) patches into the (C, H, W) image they were cut from."""
+        H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
+        P = self.patch_size
+        h, w = H // P, W // P
+        C = patches.shape[-1] // (P * P)
+        x = patches.reshape(h, w, P, P, C)  # (h, w, P, P, C)
+        return x.permute(4, 0, 2, 1, 3).reshape(C, H, W)  # (C, H, W)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(patch_size={self.patch_size})"
+
+
+def _to_patches(patch_size: int, mean: Sequence[float], std: Sequence[float]) -> list:
+    """Common tail of every preset: float tensor in [0, 1], normalise, patchify."""
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+        PatchifyTransform(patch_size),
+    ]
+
+
+def eval_transform(
+    image_size: int, patch_size: int, mean: Sequence[float], std: Sequence[float]
+) -> v2.Compose:
+    """Deterministic preprocessing: shorter side to `image_size`, centre crop, normalise, patchify."""
+    if image_size % patch_size:
+        raise ConfigError(f"patch_size={patch_size} does not divide image_size={image_size}")
+    return v2.Compose(
+        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+        + _to_patches(patch_size, mean, std)
+    )
+
+
+def train_transform(
+    image_size: int,
+    patch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: Augment = "randaugment",
+) -> v2.Compose:
+    """Augmentation for small images: reflect-padded random crop, flip and an optional policy.
+
+    The crop moves the image by up to 1/8 of its size (4 px at 32 px), the CIFAR standard; there is
+    deliberately no aggressive random-resized crop, which destroys small images.
+    """
+    if image_size % patch_size:
+        raise ConfigError(f"patch_size={patch_size} does not divide image_size={image_size}")
+    policy = {
+        "randaugment": [v2.RandAugment(num_ops=2, magnitude=9)],
+        "autoaugment": [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)],
+        "none": [],
+    }
+    if augment not in policy:
+        raise ConfigError(f"augment must be one of {sorted(policy)}, got {augment!r}")
+    return v2.Compose(
+        [
+            v2.Resize(image_size, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"),
+            v2.RandomHorizontalFlip(),
+            *policy[augment],
+        ]
+        + _to_patches(patch_size, mean, std)
+    )

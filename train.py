@@ -1,0 +1,40 @@
+"""Train a Vision Transformer: `python train.py [--config configs/X.yaml] [--model.lr 3e-4 ...]`.
+
+With no --config it uses configs/cifar10.yaml. When data/lightning/models/last.ckpt exists the run
+resumes from it (pass --fresh to start over); after fitting, the best checkpoint is tested.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from src.cli import ViTCLI
+from src.errors import UserError
+
+
+def main(args: list[str] | None = None) -> None:
+    """Parse, fit (resuming when possible), then test the best checkpoint."""
+    cli = ViTCLI(args=args)
+    if cli.resume_path is not None:
+        state = cli.resume_checkpoint
+        epochs = state["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"]
+        rank_zero_info(
+            f"Resuming from {cli.resume_path} ({epochs} epochs done, global step {state['global_step']}); "
+            "pass --fresh to start a new run."
+        )
+        cli.resume_checkpoint = None  # fit() reads the file itself; do not hold a second copy
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path)
+    best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
+    if results:
+        rank_zero_info(f"test/acc = {results[0]['test/acc']:.4f} (checkpoint: {best or 'last weights'})")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
