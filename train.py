@@ -19,9 +19,9 @@ def main(args: list[str] | None = None) -> None:
     cli = ViTCLI(args=args)
     if cli.resume_path is not None:
         state = cli.resume_checkpoint
-        epochs = state["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"]
         rank_zero_info(
-            f"Resuming from {cli.resume_path} ({epochs} epochs done, global step {state['global_step']}); "
+            f"Resuming from {cli.resume_path} (saved in epoch {state['epoch']}, global step "
+            f"{state['global_step']}); "
             "pass --fresh to start a new run."
         )
         cli.resume_checkpoint = None  # fit() reads the file itself; do not hold a second copy

@@ -59,6 +59,7 @@ class ViTCLI(LightningCLI):
             trainer_defaults={
                 "accelerator": "auto",
                 "max_epochs": 100,
+                "log_every_n_steps": 10,
                 "default_root_dir": ROOT_DIR,
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -107,7 +108,11 @@ class ViTCLI(LightningCLI):
             config.trainer.precision = default_precision(config.trainer.accelerator)
         models_dir = Path(config.checkpoint.dirpath)
         last = models_dir / "last.ckpt"
-        if config.fresh:
+        if config.trainer.fast_dev_run:
+            # A smoke test neither resumes nor leaves a last.ckpt behind for the next real run
+            # (Lightning's on_train_end writes one even under fast_dev_run).
+            config.checkpoint.save_last = False
+        elif config.fresh:
             if models_dir.is_dir() and any(models_dir.iterdir()):
                 kept = models_dir.with_name(f"{models_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
                 models_dir.rename(kept)

@@ -1,0 +1,120 @@
+"""End to end through the real `train.py` on CPU, with a tiny model and tiny data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from src.cli import default_precision
+
+TINY_RUN = [
+    "--config", str(REPO / "configs" / "cifar10-cpu.yaml"),
+    "--data", "ImageFolderDataModule",
+    "--data.num_workers", "0",
+    "--data.batch_size", "8",
+    "--model.dim", "16",
+    "--model.depth", "1",
+    "--model.num_heads", "2",
+    "--model.warmup_epochs", "0.5",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.log_every_n_steps", "1",
+]
+
+
+def train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run `python train.py ARGS` in `cwd` (so its data/ lands there) and capture the output."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )
+
+
+def last_step(cwd: Path) -> int:
+    return torch.load(cwd / "data/lightning/models/last.ckpt", weights_only=True)["global_step"]
+
+
+def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
+    run = [*TINY_RUN, "--data.root", str(image_folder)]
+
+    first = train(tmp_path, *run, "--trainer.max_epochs", "1")
+    assert first.returncode == 0, first.stderr
+    models = tmp_path / "data/lightning/models"
+    logs = tmp_path / "data/lightning/lightning_logs/version_0"
+    assert (models / "last.ckpt").is_file()
+    assert any(p.name.startswith("epoch000-acc") for p in models.glob("*.ckpt"))  # best, by val/acc
+    assert list(logs.glob("events.out.tfevents.*")) and (logs / "config.yaml").is_file()
+    assert "test/acc =" in first.stdout + first.stderr
+    steps_one_epoch = last_step(tmp_path)  # 29 train images / batch 8 = 4 steps
+    assert steps_one_epoch == 4
+
+    second = train(tmp_path, *run, "--trainer.max_epochs", "3")
+    assert second.returncode == 0, second.stderr
+    assert "Resuming from data/lightning/models/last.ckpt (saved in epoch 0, global step 4)" in second.stderr
+    assert last_step(tmp_path) == 3 * steps_one_epoch  # continued, did not start over
+    # The resumed run writes into the same TensorBoard run, so the curves continue.
+    assert sorted(p.name for p in logs.parent.iterdir()) == ["version_0"]
+    assert len(list(logs.glob("events.out.tfevents.*"))) > 2
+
+    mismatch = train(tmp_path, *run, "--trainer.max_epochs", "4", "--model.dim", "32")
+    assert mismatch.returncode == 2
+    assert "Traceback" not in mismatch.stderr
+    last_line = mismatch.stderr.strip().splitlines()[-1]
+    assert "different model: dim=16 (config: 32)" in last_line and "--fresh" in last_line
+    assert last_step(tmp_path) == 3 * steps_one_epoch  # nothing was overwritten
+
+    fresh = train(tmp_path, *run, "--trainer.max_epochs", "1", "--model.dim", "32", "--fresh")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "Resuming" not in fresh.stderr
+    kept = [p for p in models.parent.iterdir() if p.name.startswith("models-")]
+    assert len(kept) == 1 and (kept[0] / "last.ckpt").is_file()  # the old run is moved, not deleted
+    assert last_step(tmp_path) == steps_one_epoch
+
+
+def test_fast_dev_run_neither_resumes_nor_leaves_a_checkpoint(tmp_path: Path, image_folder: Path):
+    result = train(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.fast_dev_run", "true")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "data/lightning/models/last.ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.dim", "30", "--model.num_heads", "4"], "dim=30 is not divisible by num_heads=4"),
+        (["--model.lr", "-0.1"], "lr > 0"),
+        (["--data.batch_size", "0"], "batch_size must be a positive integer, got 0"),
+        (["--data.patch_size", "5"], "patch_size=5 does not divide image_size=32"),
+        (["--model.no_such_key", "1"], "unrecognized arguments: --model.no_such_key"),
+        (["--data.root", "/no/such/folder"], "image folder /no/such/folder does not exist"),
+    ],
+)
+def test_bad_settings_fail_with_one_clear_line(tmp_path: Path, image_folder: Path, args, message):
+    result = train(tmp_path, *TINY_RUN, "--data.root", str(image_folder), *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "data/lightning/models").exists()
+
+
+def test_print_config_shows_the_default_recipe(tmp_path: Path):
+    result = train(tmp_path, "--print_config")
+    assert result.returncode == 0, result.stderr
+    assert "class_path: src.data.CIFAR10DataModule" in result.stdout
+    assert "monitor: val/acc" in result.stdout and "save_last: true" in result.stdout
+    assert not (tmp_path / "data").exists()  # printing the config downloads and writes nothing
+
+
+def test_precision_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_precision("auto") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert default_precision("auto") == "bf16-mixed"
+    assert default_precision("cpu") == "32-true"
+    assert default_precision("mps") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert default_precision("gpu") == "16-mixed"

@@ -1,0 +1,220 @@
+"""Data tests: patchify, splits, CIFAR-10 on a synthetic archive, image folders."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_image_folder
+from src.data import CIFAR10DataModule, ImageFolderDataModule, PatchifyTransform
+from src.data.base import stratified_split
+from src.data.transforms import eval_transform, train_transform
+from src.errors import ConfigError, DataError
+
+
+# --- patchify -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size, patch", [((3, 32, 32), 4), ((3, 16, 24), 8), ((1, 6, 6), 3)])
+def test_patchify_round_trip_is_exact(size, patch):
+    image = torch.randn(size)
+    transform = PatchifyTransform(patch)
+    patches = transform(image)
+    C, H, W = size
+    assert patches.shape == ((H // patch) * (W // patch), patch * patch * C)
+    assert torch.equal(transform.inverse(patches, (H, W)), image)
+
+
+def test_patchify_order_is_row_major_and_patch_contents_are_local():
+    image = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(3, 8, 8)
+    patches = PatchifyTransform(4)(image)  # (4, 48)
+    # Patch 1 is the top-right 4x4 block; its first pixel's channels come first (P, P, C order).
+    assert torch.equal(patches[1, :3], image[:, 0, 4])
+    assert torch.equal(patches[2].reshape(4, 4, 3).permute(2, 0, 1), image[:, 4:, :4])
+
+
+def test_patchify_rejects_a_patch_that_does_not_divide_the_image():
+    with pytest.raises(ConfigError, match="does not divide"):
+        PatchifyTransform(5)(torch.zeros(3, 32, 32))
+    with pytest.raises(ConfigError, match="does not divide"):
+        eval_transform(32, 5, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_transforms_output_shapes_and_eval_is_deterministic():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    ev = eval_transform(32, 4, (0.5,) * 3, (0.25,) * 3)
+    assert ev(image).shape == (64, 48)
+    assert torch.equal(ev(image), ev(image))
+    for augment in ("randaugment", "autoaugment", "none"):
+        tr = train_transform(32, 4, (0.5,) * 3, (0.25,) * 3, augment)
+        out = tr(image)
+        assert out.shape == (64, 48) and out.dtype == torch.float32
+    with pytest.raises(ConfigError, match="augment"):
+        train_transform(32, 4, (0.5,) * 3, (0.25,) * 3, "trivial")
+
+
+# --- splits ---------------------------------------------------------------------------------------
+
+def test_stratified_split_is_exact_disjoint_stratified_and_seeded():
+    targets = [c for c in range(10) for _ in range(100)]
+    rest, val, test = stratified_split(targets, [100, 50], seed=1)
+    assert (len(rest), len(val), len(test)) == (850, 100, 50)
+    assert set(rest).isdisjoint(val) and set(rest).isdisjoint(test) and set(val).isdisjoint(test)
+    assert set(rest) | set(val) | set(test) == set(range(1000))
+    assert Counter(targets[i] for i in val) == {c: 10 for c in range(10)}
+    assert stratified_split(targets, [100, 50], seed=1) == [rest, val, test]
+    assert stratified_split(targets, [100, 50], seed=2)[1] != val
+
+
+def test_stratified_split_uneven_classes_still_exact():
+    targets = [0] * 7 + [1] * 3 + [2] * 11
+    rest, held = stratified_split(targets, [5], seed=0)
+    assert len(held) == 5 and len(rest) == 16
+    with pytest.raises(ConfigError, match="cannot hold out"):
+        stratified_split(targets, [21], seed=0)
+
+
+# --- CIFAR-10 -------------------------------------------------------------------------------------
+
+def test_cifar10_datamodule_on_synthetic_archive(synthetic_cifar: Path):
+    dm = CIFAR10DataModule(root=str(synthetic_cifar), val_size=20, batch_size=16, num_workers=0,
+                           download=False)
+    assert dm.num_classes == 10 and dm.image_size == 32 and dm.class_names[6] == "frog"
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (80, 20)
+    assert set(dm.train_set.indices).isdisjoint(dm.val_set.indices)
+    dm.setup("test")
+    assert len(dm.test_set) == 40
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 64, 48) and y.shape == (16,)
+    # Validation uses the eval transform: the same image twice is the same tensor.
+    assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])
+    # ...and it is the right image: un-patchify + un-normalise gives back the stored pixels.
+    full = dm.val_set.dataset
+    i = dm.val_set.indices[0]
+    image = PatchifyTransform(4).inverse(dm.val_set[0][0], 32)
+    mean, std = torch.tensor(dm.mean)[:, None, None], torch.tensor(dm.std)[:, None, None]
+    pixels = (image * std + mean) * 255
+    assert torch.allclose(pixels, torch.from_numpy(full.data[i]).permute(2, 0, 1).float(), atol=1e-3)
+
+
+def test_cifar10_split_is_seeded(synthetic_cifar: Path):
+    def val_indices(seed: int) -> list[int]:
+        dm = CIFAR10DataModule(root=str(synthetic_cifar), val_size=20, num_workers=0, seed=seed)
+        dm.setup("fit")
+        return dm.val_set.indices
+
+    torch.manual_seed(123)
+    first = val_indices(0)
+    torch.manual_seed(456)  # the global seed must not move the split
+    assert val_indices(0) == first
+    assert val_indices(1) != first
+
+
+def test_cifar10_offline_error_names_archive_md5_and_folder(tmp_path: Path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    root = tmp_path / "cifar"
+    dm = CIFAR10DataModule(root=str(root), num_workers=0)
+    with pytest.raises(DataError) as error:
+        dm.prepare_data()
+    message = str(error.value)
+    assert "cifar-10-python.tar.gz" in message
+    assert "c58f30108f718f92721af3b95e74349a" in message
+    assert str(root) in message and "could not be downloaded" in message
+
+    root.mkdir()
+    (root / "cifar-10-python.tar.gz").write_bytes(b"truncated download")
+    with pytest.raises(DataError, match="incomplete or corrupt"):
+        dm.prepare_data()
+
+
+# --- image folders --------------------------------------------------------------------------------
+
+def test_image_folder_holds_out_stratified_val_and_test(image_folder: Path):
+    dm = ImageFolderDataModule(root=str(image_folder), val_fraction=0.25, test_fraction=0.25,
+                               batch_size=4, num_workers=0)
+    assert dm.class_names == ["class_0", "class_1", "class_2"] and dm.num_classes == 3
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 9, 9)
+    assert Counter(dm.val_set.dataset.targets[i] for i in dm.val_set.indices) == {0: 3, 1: 3, 2: 3}
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 64, 48)
+
+
+def test_image_folder_train_val_test_layout_and_resize(tmp_path: Path):
+    for split, n in [("train", 6), ("val", 2), ("test", 3)]:
+        write_image_folder(tmp_path / "ds" / split, classes=2, per_class=n, size=48, seed=len(split))
+    dm = ImageFolderDataModule(root=str(tmp_path / "ds"), image_size=16, patch_size=8, num_workers=0)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (12, 4, 6)
+    assert dm.val_set[0][0].shape == (4, 192)  # 48 px resized to 16 px, 2x2 patches of 8x8x3
+
+
+def test_image_folder_reads_grayscale_rgba_palette_and_16_bit(tmp_path: Path):
+    root = write_image_folder(tmp_path / "mixed", classes=2, per_class=2)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8), "L").save(root / "class_0/g.png")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 4), dtype=np.uint8), "RGBA").save(root / "class_0/a.png")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).convert("P").save(root / "class_1/p.png")
+    Image.fromarray(rng.integers(0, 65535, (32, 32), dtype=np.uint16)).save(root / "class_1/d.png")
+    (root / "class_1" / "notes.txt").write_text("not an image, ignored")
+    dm = ImageFolderDataModule(root=str(root), val_fraction=0.2, test_fraction=0.2, num_workers=0)
+    dm.setup()
+    everything = [dm.train_set, dm.val_set, dm.test_set]
+    assert sum(len(s) for s in everything) == 8
+    for subset in everything:
+        for i in range(len(subset)):
+            assert subset[i][0].shape == (64, 48)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"only": 3}, "1 class folder"),
+    ({}, "0 class folder"),
+])
+def test_image_folder_needs_two_classes(tmp_path: Path, layout, message):
+    root = tmp_path / "one"
+    root.mkdir()
+    for name, n in layout.items():
+        write_image_folder(root / "tmp", classes=1, per_class=n)
+        (root / "tmp" / "class_0").rename(root / name)
+        (root / "tmp").rmdir()
+    with pytest.raises(DataError, match=message):
+        ImageFolderDataModule(root=str(root))
+
+
+def test_image_folder_errors_name_the_problem(tmp_path: Path):
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFolderDataModule(root=str(tmp_path / "missing"))
+    root = write_image_folder(tmp_path / "empty_class", classes=2, per_class=2)
+    (root / "class_2").mkdir()
+    dm = ImageFolderDataModule(root=str(root), num_workers=0)
+    with pytest.raises(DataError, match="class_2"):
+        dm.setup()
+    root = write_image_folder(tmp_path / "bad", classes=2, per_class=5)
+    (root / "class_1" / "001.png").write_bytes(b"\x89PNG not really")
+    dm = ImageFolderDataModule(root=str(root), num_workers=0, val_fraction=0.5, test_fraction=0.2)
+    dm.setup()
+    with pytest.raises(DataError, match="001.png"):
+        for subset in (dm.train_set, dm.val_set, dm.test_set):
+            for i in range(len(subset)):
+                subset[i]
+    with pytest.raises(ConfigError, match="patch_size=5"):
+        ImageFolderDataModule(root=str(root), patch_size=5)
+
+
+def test_image_folder_val_must_have_the_same_classes(tmp_path: Path):
+    write_image_folder(tmp_path / "ds" / "train", classes=3, per_class=2)
+    write_image_folder(tmp_path / "ds" / "val", classes=2, per_class=2)
+    with pytest.raises(DataError, match="same class folders"):
+        ImageFolderDataModule(root=str(tmp_path / "ds"))

@@ -1,0 +1,141 @@
+"""Tiny-model unit tests: shapes, attention numerics, gradients, optimiser groups, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.errors import ConfigError
+from src.models.classifier import ViTClassifier, param_groups, warmup_cosine
+from src.models.vit import Attention, ViT
+
+TINY = dict(num_classes=5, image_size=16, patch_size=4, dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
+
+
+def patches(batch: int = 3, image_size: int = 16, patch_size: int = 4) -> torch.Tensor:
+    n = (image_size // patch_size) ** 2
+    return torch.randn(batch, n, patch_size * patch_size * 3)  # (B, N, P*P*C)
+
+
+def test_vit_shapes():
+    model = ViT(**TINY)
+    x = patches()
+    features = model.forward_features(x)
+    assert features.shape == (3, 16 + 1, 32)  # class token + 16 patches
+    assert model.forward_head(features).shape == (3, 5)
+    assert torch.equal(model(x), model.forward_head(features))
+    maps = model.attention_maps(x)
+    assert len(maps) == 2 and maps[0].shape == (3, 4, 17, 17)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(3, 4, 17))
+
+
+def test_fused_and_manual_attention_agree():
+    torch.manual_seed(0)
+    attn = Attention(dim=64, num_heads=8).eval()
+    x = torch.randn(4, 17, 64)
+    fused = attn(x, fused=True)
+    manual = attn(x, fused=False)
+    assert torch.allclose(fused, manual, atol=1e-5, rtol=1e-5)
+    # ...and the manual path is real attention: scaled by sqrt(head_dim), not by the token count.
+    q, k, v = attn._qkv(x)
+    expected = F.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1) @ v
+    expected = attn.proj(expected.transpose(1, 2).reshape(4, 17, 64))
+    assert torch.allclose(manual, expected, atol=1e-5)
+
+
+def test_attention_heads_are_independent():
+    """Changing the input of one head's slice of q/k/v only changes that head's output slice."""
+    torch.manual_seed(0)
+    attn = Attention(dim=32, num_heads=4).eval()
+    q, k, v = (torch.randn(1, 4, 5, 8) for _ in range(3))
+    out = F.scaled_dot_product_attention(q, k, v)
+    v2 = v.clone()
+    v2[:, 1] += 1.0
+    out2 = F.scaled_dot_product_attention(q, k, v2)
+    changed = (out2 - out).abs().amax(dim=(0, 2, 3))
+    assert changed[1] > 0.5 and torch.all(changed[[0, 2, 3]] == 0)
+    assert attn.scale == pytest.approx(8**-0.5)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = ViT(**TINY, drop_path=0.0)
+    loss = F.cross_entropy(model(patches()), torch.tensor([0, 1, 2]))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_no_nan_and_drop_path_only_in_training():
+    model = ViT(**TINY, drop_path=0.5)
+    x = patches()
+    assert torch.isfinite(model(x)).all()
+    model.eval()
+    assert torch.equal(model(x), model(x))  # deterministic in eval: no stochastic depth, no dropout
+    assert model.blocks[0].drop_path.p == 0.0 and model.blocks[-1].drop_path.p == pytest.approx(0.5)
+
+
+def test_param_groups_complete_disjoint_and_right():
+    model = ViT(**TINY)
+    decay, no_decay = param_groups(model, weight_decay=0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert decay_names.isdisjoint(no_decay_names)
+    assert decay_names | no_decay_names == set(names.values())
+    assert {"embed.cls_token", "embed.pos_embed", "norm.weight", "head.bias",
+            "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert {"embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight",
+            "head.weight"} <= decay_names
+    assert all(model.get_parameter(n).ndim >= 2 for n in decay_names)
+
+
+def test_init_is_truncated_normal():
+    model = ViT(**{**TINY, "dim": 256, "depth": 1, "num_heads": 4})
+    for weight in (model.blocks[0].mlp.fc1.weight, model.embed.pos_embed, model.head.weight):
+        assert weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert torch.all(model.blocks[0].mlp.fc1.bias == 0)
+    assert torch.all(model.norm.weight == 1) and torch.all(model.norm.bias == 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dim=30, num_heads=4), "not divisible"),
+        (dict(image_size=18), "does not divide"),
+        (dict(depth=0), "depth must be a positive"),
+        (dict(drop_path=1.0), "drop_path"),
+    ],
+)
+def test_vit_rejects_impossible_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ViT(**{**TINY, **kwargs})
+
+
+def test_warmup_cosine_schedule():
+    lr = [warmup_cosine(s, warmup_steps=10, total_steps=110, min_ratio=0.01) for s in range(120)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lr[:10], lr[1:10]))  # rising during warm-up
+    assert all(a >= b for a, b in zip(lr[10:110], lr[11:110]))  # then never rising
+    assert lr[60] == pytest.approx(0.01 + 0.99 * 0.5)  # half-way through the cosine
+    assert lr[110] == pytest.approx(0.01) and lr[119] == pytest.approx(0.01)  # floor, not wrapping
+
+
+def test_classifier_rejects_bad_values():
+    with pytest.raises(ConfigError, match="lr"):
+        ViTClassifier(lr=-1.0)
+    with pytest.raises(ConfigError, match="class names"):
+        ViTClassifier(num_classes=3, class_names=["a", "b"])
+
+
+def test_classifier_step_and_metrics():
+    module = ViTClassifier(**TINY)
+    batch = (patches(8), torch.randint(0, 5, (8,)))
+    logits = module(batch[0])
+    assert logits.shape == (8, 5)
+    # num_classes <= 5: top-5 accuracy would be trivially 1, so it is not tracked.
+    assert set(module.val_metrics.keys()) == {"val/acc"}
+    assert set(ViTClassifier(num_classes=10).val_metrics.keys()) == {"val/acc", "val/acc5"}
