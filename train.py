@@ -26,7 +26,7 @@ def main(args: list[str] | None = None) -> None:
         )
         cli.resume_checkpoint = None  # fit() reads the file itself; do not hold a second copy
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path)
-    best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
+    best = cli.best_checkpoint.best_model_path
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
     if results:
         rank_zero_info(f"test/acc = {results[0]['test/acc']:.4f} (checkpoint: {best or 'last weights'})")

@@ -92,9 +92,21 @@ class ViTCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
             }
         )
+        # Since Lightning 2.6, save_last=True rewrites last.ckpt only in epochs that also save a top-k
+        # checkpoint, i.e. only when val/acc improves; a crash after a plateau would lose every epoch
+        # since. A second ModelCheckpoint without a monitor rewrites last.ckpt after every validation.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.enable_version_counter": False,
+            }
+        )
+        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 20})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -108,18 +120,20 @@ class ViTCLI(LightningCLI):
             config.trainer.precision = default_precision(config.trainer.accelerator)
         models_dir = Path(config.checkpoint.dirpath)
         last = models_dir / "last.ckpt"
-        if config.trainer.fast_dev_run:
-            # A smoke test neither resumes nor leaves a last.ckpt behind for the next real run
-            # (Lightning's on_train_end writes one even under fast_dev_run).
-            config.checkpoint.save_last = False
-        elif config.fresh:
+        if config.fresh:
             if models_dir.is_dir() and any(models_dir.iterdir()):
                 kept = models_dir.with_name(f"{models_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
                 models_dir.rename(kept)
                 rank_zero_info(f"Starting fresh: the previous checkpoints were moved to {kept}")
-        elif last.is_file():
+        elif last.is_file() and not config.trainer.fast_dev_run:  # a smoke test does not resume
             self.resume_path = last
-            self.resume_checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+            try:
+                self.resume_checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise UserError(
+                    f"cannot read {last} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                    "pass --fresh to start a new run (the old checkpoints are kept)"
+                ) from error
             version = self.resume_checkpoint.get("logger_version")
             logger = config.trainer.logger
             if version is not None and str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
@@ -138,26 +152,29 @@ class ViTCLI(LightningCLI):
             raise cause from None
 
     def after_instantiate_classes(self) -> None:
+        self.best_checkpoint: ModelCheckpoint = self._get(self.config_init, "checkpoint")
         if self.resume_checkpoint is not None:
             check_compatible(self.model, self.resume_checkpoint, self.resume_path)
 
 
+# Hyperparameters that decide the network's shape or the meaning of its outputs.
+IDENTITY = ("num_classes", "class_names", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
+
+
 def check_compatible(model: LightningModule, checkpoint: dict, path: Path) -> None:
-    """Raise one clear ConfigError when the checkpoint's weights do not fit the configured model."""
+    """Raise one clear ConfigError when the checkpoint does not fit the configured model and data."""
+    saved = checkpoint.get("hyper_parameters", {})
+    differ = [f"{k}={saved[k]!r} (config: {model.hparams[k]!r})"
+              for k in IDENTITY if k in saved and k in model.hparams and saved[k] != model.hparams[k]]
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in checkpoint.get("state_dict", {}).items()}
     problems = [f"{n}: checkpoint {found[n]} vs config {expected[n]}"
                 for n in expected if n in found and found[n] != expected[n]]
     problems += [f"{n} missing from the checkpoint" for n in expected if n not in found]
     problems += [f"{n} not in this model" for n in found if n not in expected]
-    if not problems:
-        return
-    saved = checkpoint.get("hyper_parameters", {})
-    differ = [f"{k}={saved[k]!r} (config: {v!r})" for k, v in model.hparams.items()
-              if k in saved and saved[k] != v and k in ("num_classes", "image_size", "patch_size",
-                                                         "dim", "depth", "num_heads", "mlp_ratio")]
-    reason = "; ".join(differ) if differ else "; ".join(problems[:3])
-    raise ConfigError(
-        f"{path} was trained with a different model: {reason}. Resume with the settings it was "
-        f"trained with, or pass --fresh to start a new run (the old checkpoints are kept)."
-    )
+    if differ or problems:
+        raise ConfigError(
+            f"{path} was trained with a different model or data: {'; '.join(differ or problems[:3])}. "
+            "Resume with the settings it was trained with, or pass --fresh to start a new run "
+            "(the old checkpoints are kept)."
+        )

@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from PIL import Image
+
+from conftest import REPO, write_image_folder
 from src.cli import default_precision
+from src.data import ImageFolderDataModule
+from src.data.transforms import eval_transform
+from src.models.classifier import ViTClassifier
 
 TINY_RUN = [
     "--config", str(REPO / "configs" / "cifar10-cpu.yaml"),
@@ -51,11 +56,16 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
     assert "test/acc =" in first.stdout + first.stderr
     steps_one_epoch = last_step(tmp_path)  # 29 train images / batch 8 = 4 steps
     assert steps_one_epoch == 4
+    check_checkpoint_rebuilds_model_and_preprocessing(models / "last.ckpt", image_folder)
 
     second = train(tmp_path, *run, "--trainer.max_epochs", "3")
     assert second.returncode == 0, second.stderr
     assert "Resuming from data/lightning/models/last.ckpt (saved in epoch 0, global step 4)" in second.stderr
     assert last_step(tmp_path) == 3 * steps_one_epoch  # continued, did not start over
+    state = torch.load(models / "last.ckpt", weights_only=True)
+    assert state["lr_schedulers"][0]["last_epoch"] == 3 * steps_one_epoch  # schedule continued
+    assert state["optimizer_states"][0]["state"][0]["step"] == 3 * steps_one_epoch  # AdamW moments too
+    assert any(key.startswith("EarlyStopping") for key in state["callbacks"])
     # The resumed run writes into the same TensorBoard run, so the curves continue.
     assert sorted(p.name for p in logs.parent.iterdir()) == ["version_0"]
     assert len(list(logs.glob("events.out.tfevents.*"))) > 2
@@ -64,8 +74,24 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
     assert mismatch.returncode == 2
     assert "Traceback" not in mismatch.stderr
     last_line = mismatch.stderr.strip().splitlines()[-1]
-    assert "different model: dim=16 (config: 32)" in last_line and "--fresh" in last_line
+    assert "different model or data: dim=16 (config: 32)" in last_line and "--fresh" in last_line
     assert last_step(tmp_path) == 3 * steps_one_epoch  # nothing was overwritten
+
+    # Same shapes, other classes: resuming would silently relabel the outputs.
+    other = write_image_folder(tmp_path / "other", classes=3, per_class=12, seed=1)
+    for c in range(3):
+        (other / f"class_{c}").rename(other / f"kind_{c}")
+    relabel = train(tmp_path, *TINY_RUN, "--data.root", str(other), "--trainer.max_epochs", "4")
+    assert relabel.returncode == 2 and "Traceback" not in relabel.stderr
+    assert "class_names=['class_0', 'class_1', 'class_2'] (config: ['kind_0'" in relabel.stderr
+
+    # An unreadable last.ckpt is one clear line too (this copy is put back afterwards).
+    good = (models / "last.ckpt").read_bytes()
+    (models / "last.ckpt").write_bytes(good[: len(good) // 2])
+    torn = train(tmp_path, *run, "--trainer.max_epochs", "4")
+    assert torn.returncode == 2 and "Traceback" not in torn.stderr
+    assert "cannot read data/lightning/models/last.ckpt" in torn.stderr.strip().splitlines()[-1]
+    (models / "last.ckpt").write_bytes(good)
 
     fresh = train(tmp_path, *run, "--trainer.max_epochs", "1", "--model.dim", "32", "--fresh")
     assert fresh.returncode == 0, fresh.stderr
@@ -73,6 +99,30 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
     kept = [p for p in models.parent.iterdir() if p.name.startswith("models-")]
     assert len(kept) == 1 and (kept[0] / "last.ckpt").is_file()  # the old run is moved, not deleted
     assert last_step(tmp_path) == steps_one_epoch
+
+
+def check_checkpoint_rebuilds_model_and_preprocessing(path: Path, image_folder: Path) -> None:
+    """The checkpoint alone gives the network and the exact eval preprocessing of its data."""
+    model = ViTClassifier.load_from_checkpoint(path, weights_only=True, map_location="cpu").eval()
+    hp = model.hparams
+    assert hp.class_names == ["class_0", "class_1", "class_2"] and hp.num_classes == 3
+    data = ImageFolderDataModule(root=str(image_folder), num_workers=0)
+    image = Image.open(next((image_folder / "class_1").iterdir()))
+    rebuilt = eval_transform(hp.image_size, hp.patch_size, hp.mean, hp.std)(image)
+    assert torch.equal(rebuilt, data.eval_transform(image))
+    assert model(rebuilt[None]).shape == (1, 3)
+
+
+def test_last_ckpt_follows_every_epoch_even_on_a_plateau(tmp_path: Path, image_folder: Path):
+    """With a learning rate too small to change val/acc, the best checkpoint stays at epoch 0 but
+    last.ckpt must still hold the final step (Lightning 2.6's save_last alone would not)."""
+    result = train(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.max_epochs", "3",
+                   "--model.lr", "1e-12", "--model.min_lr", "0")
+    assert result.returncode == 0, result.stderr
+    models = tmp_path / "data/lightning/models"
+    assert sorted(p.name for p in models.iterdir())[0].startswith("epoch000-acc")
+    assert len(list(models.iterdir())) == 2  # the best and last.ckpt, nothing else
+    assert last_step(tmp_path) == 3 * 4
 
 
 def test_fast_dev_run_neither_resumes_nor_leaves_a_checkpoint(tmp_path: Path, image_folder: Path):
@@ -104,7 +154,7 @@ def test_print_config_shows_the_default_recipe(tmp_path: Path):
     result = train(tmp_path, "--print_config")
     assert result.returncode == 0, result.stderr
     assert "class_path: src.data.CIFAR10DataModule" in result.stdout
-    assert "monitor: val/acc" in result.stdout and "save_last: true" in result.stdout
+    assert "monitor: val/acc" in result.stdout and "filename: last" in result.stdout
     assert not (tmp_path / "data").exists()  # printing the config downloads and writes nothing
 
 
