@@ -20,9 +20,8 @@ def main(args: list[str] | None = None) -> None:
     if cli.resume_path is not None:
         state = cli.resume_checkpoint
         rank_zero_info(
-            f"Resuming from {cli.resume_path} (saved in epoch {state['epoch']}, global step "
-            f"{state['global_step']}); "
-            "pass --fresh to start a new run."
+            f"Resuming from {cli.resume_path} (saved in epoch {state['epoch']}, "
+            f"global step {state['global_step']}); pass --fresh to start a new run."
         )
         cli.resume_checkpoint = None  # fit() reads the file itself; do not hold a second copy
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, write_image_folder
 from src.cli import default_precision
@@ -52,7 +53,11 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
     logs = tmp_path / "data/lightning/lightning_logs/version_0"
     assert (models / "last.ckpt").is_file()
     assert any(p.name.startswith("epoch000-acc") for p in models.glob("*.ckpt"))  # best, by val/acc
-    assert list(logs.glob("events.out.tfevents.*")) and (logs / "config.yaml").is_file()
+    assert (logs / "config.yaml").is_file()
+    events = EventAccumulator(str(logs)).Reload()
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "test/acc", "test/loss",
+            "lr-AdamW/pg1"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("train/loss")) == 4  # one point per step (log_every_n_steps=1)
     assert "test/acc =" in first.stdout + first.stderr
     steps_one_epoch = last_step(tmp_path)  # 29 train images / batch 8 = 4 steps
     assert steps_one_epoch == 4

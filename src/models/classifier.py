@@ -110,9 +110,11 @@ class ViTClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
         metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
         metrics(logits, targets)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        # The training loss is a per-step curve; evaluation losses are epoch means over all ranks.
+        training = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True,
+                 sync_dist=not training)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not training)
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
