@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 from jsonargparse import ActionYesNo
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from src.callbacks import KeepLoggerVersion, TensorBoardPictures
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule
 from src.errors import ConfigError, UserError
@@ -32,14 +33,6 @@ def default_precision(accelerator: str | Any) -> str:
     if wants_cuda and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
-
-
-class KeepLoggerVersion(Callback):
-    """Store the TensorBoard version in each checkpoint, so a resumed run extends the same curves."""
-
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        if trainer.logger is not None:
-            checkpoint["logger_version"] = trainer.logger.version
 
 
 class ViTCLI(LightningCLI):
@@ -63,7 +56,9 @@ class ViTCLI(LightningCLI):
                 "default_root_dir": ROOT_DIR,
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": ROOT_DIR},
+                    # hparams go to the HPARAMS tab with the final metrics (TensorBoardPictures),
+                    # not with a placeholder hp_metric at the start.
+                    "init_args": {"save_dir": ROOT_DIR, "default_hp_metric": False},
                 },
                 "callbacks": [KeepLoggerVersion()],
             },
@@ -111,6 +106,7 @@ class ViTCLI(LightningCLI):
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 20})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(TensorBoardPictures, "pictures")
         for name in LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
 

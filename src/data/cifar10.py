@@ -27,6 +27,8 @@ class CIFAR10DataModule(ImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(patch_size, batch_size, num_workers, augment, seed)
+        # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
+        self.save_hyperparameters(logger=False)
         self.root = Path(root)
         self.val_size = val_size
         self.download = download

@@ -8,10 +8,20 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from src.data.base import ImageDataModule, TransformedSubset, stratified_split
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment
 from src.errors import ConfigError, DataError
+
+
+# torchvision's list plus GIF, which PIL reads as well as any of them.
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
+
+
+def is_image_file(path: str) -> bool:
+    """Whether a file in an image folder is read as an image (by its extension)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -49,6 +59,8 @@ class ImageFolderDataModule(ImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(patch_size, batch_size, num_workers, augment, seed)
+        # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
+        self.save_hyperparameters(logger=False)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist")
@@ -89,7 +101,7 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _scan(self, split: str) -> ImageFolder:
         try:
-            return ImageFolder(str(self.split_dirs[split]), loader=load_rgb)
+            return ImageFolder(str(self.split_dirs[split]), loader=load_rgb, is_valid_file=is_image_file)
         except FileNotFoundError as error:  # a class folder without a single image file
             raise DataError(f"{self.split_dirs[split]}: {error}") from error
 

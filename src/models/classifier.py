@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from src.errors import ConfigError
@@ -98,6 +98,8 @@ class ViTClassifier(L.LightningModule):
         self.train_metrics = MetricCollection(metrics, prefix="train/")
         self.val_metrics = self.train_metrics.clone(prefix="val/")
         self.test_metrics = self.train_metrics.clone(prefix="test/")
+        # Drawn into TensorBoard by the TensorBoardPictures callback; updating it is a bincount.
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
 
     def forward(self, patches: Tensor) -> Tensor:
         return self.model(patches)
@@ -110,12 +112,17 @@ class ViTClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
         metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
         metrics(logits, targets)
+        if stage == "val":
+            self.val_confusion.update(logits, targets)
         # The training loss is a per-step curve; evaluation losses are epoch means over all ranks.
         training = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True,
                  sync_dist=not training)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not training)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_confusion.reset()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")

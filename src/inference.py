@@ -1,0 +1,181 @@
+"""A trained classifier outside Lightning: safe loading, export, preprocessing and prediction.
+
+Checkpoints are pickles, and unpickling an untrusted one the naive way can run any code. Every
+checkpoint here is read with `torch.load(weights_only=True)`, which unpickles tensors and plain
+containers only, or from safetensors, which holds no code at all; a DataModule is rebuilt only from
+the project's own classes, never from an import path found in a file.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor
+
+from src.data import CIFAR10DataModule, ImageDataModule, ImageFolderDataModule
+from src.data.transforms import eval_transform
+from src.errors import ConfigError, UserError
+from src.models.vit import ViT
+
+MODELS_DIR = Path("data/lightning/models")
+VIT_ARGS = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
+REQUIRED = (*VIT_ARGS, "mean", "std")
+DATAMODULES = {cls.__name__: cls for cls in (CIFAR10DataModule, ImageFolderDataModule)}
+
+
+@dataclass
+class Classifier:
+    """A ViT in eval mode with everything needed to feed it: sizes, normalisation, class names."""
+
+    model: ViT
+    hparams: dict
+    data_hparams: dict | None
+    path: Path
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.hparams.get("class_names")
+        return list(names) if names else [str(i) for i in range(self.hparams["num_classes"])]
+
+    def preprocess(self, image: Image.Image) -> Tensor:
+        """The training run's eval preprocessing, rebuilt from the checkpoint: (N, P*P*C)."""
+        hp = self.hparams
+        return eval_transform(hp["image_size"], hp["patch_size"], hp["mean"], hp["std"])(image)
+
+    @torch.no_grad()
+    def probabilities(self, patches: Tensor) -> Tensor:
+        """Class probabilities (B, num_classes) for a batch of patchified images (B, N, P*P*C)."""
+        return self.model(patches).float().softmax(dim=-1)
+
+    def datamodule(self) -> ImageDataModule:
+        """The DataModule the model was trained on, with its validation split set up."""
+        if not self.data_hparams:
+            raise UserError(f"{self.path} does not record its dataset; classify an image file instead")
+        name = str(self.data_hparams.get("_class_path", "")).rsplit(".", 1)[-1]
+        if name not in DATAMODULES:
+            raise UserError(f"{self.path} was trained on {name or 'an unknown dataset'}, which classify.py "
+                            f"cannot rebuild ({', '.join(DATAMODULES)} only); classify an image file instead")
+        kwargs = {k: v for k, v in self.data_hparams.items() if not k.startswith("_")}
+        kwargs["num_workers"] = 0
+        if name == "CIFAR10DataModule":
+            kwargs["download"] = False
+        data = DATAMODULES[name](**kwargs)
+        data.setup("validate")
+        return data
+
+
+def not_ours(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a vit-lightning checkpoint ({why}); pass one written by train.py "
+                     f"or classify.py --export")
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor], dict | None]:
+    """(model hparams, ViT state dict, DataModule hparams) from a .ckpt or an exported .safetensors."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise not_ours(path, f"unreadable safetensors: {error}") from error
+        if "vit_lightning" not in metadata:
+            raise not_ours(path, "no vit_lightning metadata")
+        data = json.loads(metadata["datamodule"]) if "datamodule" in metadata else None
+        return json.loads(metadata["vit_lightning"]), state, data
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # Nothing was executed either way; the wording only tells code (a pickled global) from junk.
+        if "global" not in str(error).lower():
+            raise not_ours(path, f"corrupt or not a PyTorch file: {str(error).splitlines()[0]}") from error
+        raise UserError(
+            f"{path} was refused by safe (weights-only) loading: it holds Python objects that could run "
+            "code when loaded, so it was not opened. Checkpoints written by train.py never do; only use "
+            "checkpoints from sources you trust"
+        ) from error
+    except Exception as error:  # truncated zip, random bytes, a directory, ...
+        raise not_ours(path, f"corrupt or not a PyTorch file: {type(error).__name__}") from error
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise not_ours(path, "no state_dict")
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    return dict(checkpoint.get("hyper_parameters", {})), state, checkpoint.get("datamodule_hyper_parameters")
+
+
+def load_classifier(path: Path, device: torch.device | str = "cpu") -> Classifier:
+    """Rebuild the trained ViT from a checkpoint alone, refusing anything unsafe or foreign."""
+    hparams, state, data_hparams = read_checkpoint(Path(path))
+    missing = [k for k in REQUIRED if k not in hparams]
+    if missing:
+        raise not_ours(path, f"missing settings: {', '.join(missing)}")
+    try:
+        model = ViT(**{k: hparams[k] for k in VIT_ARGS})
+        model.load_state_dict(state)
+    except (ConfigError, RuntimeError) as error:
+        raise not_ours(path, f"its weights do not fit its own settings: {str(error).splitlines()[0]}") from error
+    return Classifier(model.to(device).eval(), hparams, data_hparams, Path(path))
+
+
+def export_safetensors(classifier: Classifier, out: Path) -> None:
+    """Weights plus the settings needed to rebuild them, as safetensors metadata (no pickle)."""
+    settings = {k: v for k, v in classifier.hparams.items() if not k.startswith("_")}
+    metadata = {"vit_lightning": json.dumps(settings, default=list)}
+    if classifier.data_hparams:
+        metadata["datamodule"] = json.dumps(classifier.data_hparams, default=list)
+    state = {k: v.detach().cpu().contiguous() for k, v in classifier.model.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata=metadata)
+
+
+def default_checkpoint(models_dir: Path = MODELS_DIR) -> tuple[Path, str]:
+    """The newest run's best checkpoint by val/acc, else its last.ckpt; with a line saying which."""
+    last = models_dir / "last.ckpt"
+    if not last.is_file():
+        raise UserError(f"no checkpoint in {models_dir} yet: train one with `python train.py` "
+                        "(or pass --checkpoint PATH)")
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        callbacks: dict = state.get("callbacks", {})
+    except Exception:
+        return last, "last.ckpt of the newest run"  # load_classifier reports what is wrong with it
+    for key, value in callbacks.items():
+        best = Path(str(value.get("best_model_path") or "")) if key.startswith("ModelCheckpoint") else None
+        if best and value.get("monitor") and best.is_file():
+            score = value.get("best_model_score")
+            return best, f"best {value['monitor']} {float(score):.4f} of the newest run"
+    return last, "last.ckpt of the newest run"
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA, else Apple MPS, else CPU."""
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError as error:
+            raise UserError(f"--device {name}: {error}") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: PyTorch sees no CUDA device here; use --device auto")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError(f"--device {name}: Apple MPS is not available here; use --device auto")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def top_k(probabilities: Tensor, class_names: Sequence[str], k: int) -> list[dict]:
+    """[{index, name, probability}] of the k most probable classes, most probable first."""
+    values, indices = probabilities.topk(min(k, len(class_names)))
+    return [{"index": int(i), "name": class_names[int(i)], "probability": round(float(p), 6)}
+            for p, i in zip(values, indices)]
