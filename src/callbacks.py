@@ -48,9 +48,13 @@ class TensorBoardPictures(Callback):
         names = hp.class_names or [str(i) for i in range(hp.num_classes)]
         logger.experiment.add_figure("val/confusion_matrix", confusion_figure(matrix, names), step)
 
-        # The same first images of the validation split every time, so changes are the model's.
-        val_set = trainer.datamodule.val_set
-        samples = [val_set[i] for i in range(min(self.num_images, len(val_set)))]
+        # The same images every time, so changes are the model's; spread over the split, because
+        # folder datasets list one class after another.
+        val_set = getattr(trainer.datamodule, "val_set", None)
+        if val_set is None:
+            return
+        picks = torch.linspace(0, len(val_set) - 1, min(self.num_images, len(val_set))).round().long()
+        samples = [val_set[i] for i in picks.unique().tolist()]
         patches = torch.stack([patches for patches, _ in samples]).to(pl_module.device)  # (B, N, P*P*C)
         targets = [int(target) for _, target in samples]
         probabilities = pl_module(patches).float().softmax(dim=-1)

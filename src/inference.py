@@ -150,6 +150,8 @@ def default_checkpoint(models_dir: Path = MODELS_DIR) -> tuple[Path, str]:
     for key, value in callbacks.items():
         best = Path(str(value.get("best_model_path") or "")) if key.startswith("ModelCheckpoint") else None
         if best and value.get("monitor") and best.is_file():
+            if best.is_absolute() and best.is_relative_to(Path.cwd()):
+                best = best.relative_to(Path.cwd())  # as the user would type it
             score = value.get("best_model_score")
             return best, f"best {value['monitor']} {float(score):.4f} of the newest run"
     return last, "last.ckpt of the newest run"
