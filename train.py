@@ -24,9 +24,10 @@ def main(args: list[str] | None = None) -> None:
             f"global step {state['global_step']}); pass --fresh to start a new run."
         )
         cli.resume_checkpoint = None  # fit() reads the file itself; do not hold a second copy
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path)
+    # Checkpoints are read weights-only everywhere: a file that holds code is refused, not run.
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path, weights_only=True)
     best = cli.best_checkpoint.best_model_path
-    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
     if results:
         rank_zero_info(f"test/acc = {results[0]['test/acc']:.4f} (checkpoint: {best or 'last weights'})")
 
