@@ -69,6 +69,23 @@ def batches(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
+def save_attention_picture(panels: list[tuple], out: Path) -> None:
+    """One overlay panel per (pixels, rollout, prediction entry), prediction in the title."""
+    titles, correct = [], []
+    for _, _, entry in panels:
+        p = entry["predicted"]
+        title = f"{Path(entry['image']).name}\n{p['name']} ({p['probability']:.2f})"
+        if "target" in entry:
+            title += f", true: {entry['target']['name']}"
+            correct.append(p["index"] == entry["target"]["index"])
+        titles.append(title)
+    figure = prediction_figure(torch.stack([p[0] for p in panels]), titles, correct or None,
+                               heatmaps=torch.stack([p[1] for p in panels]))
+    figure.suptitle("attention rollout", fontsize=9)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Classify what `args` names; returns the report that main() prints."""
     device = pick_device(args.device)
@@ -111,19 +128,7 @@ def run(args: argparse.Namespace) -> dict:
             panels += list(zip(pixels, rollout, report["predictions"][-len(chunk):]))
 
     if args.attention:
-        titles, correct = [], []
-        for _, _, entry in panels:
-            p = entry["predicted"]
-            title = f"{Path(entry['image']).name}\n{p['name']} ({p['probability']:.2f})"
-            if "target" in entry:
-                title += f", true: {entry['target']['name']}"
-                correct.append(p["index"] == entry["target"]["index"])
-            titles.append(title)
-        figure = prediction_figure(torch.stack([p[0] for p in panels]), titles, correct or None,
-                                   heatmaps=torch.stack([p[1] for p in panels]))
-        figure.suptitle("attention rollout: where the class token looked", fontsize=9)
-        Path(args.attention).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(args.attention, dpi=120)
+        save_attention_picture(panels, Path(args.attention))
         report["attention"] = args.attention
     return report
 
