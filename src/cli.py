@@ -18,7 +18,7 @@ from src.callbacks import KeepLoggerVersion, TensorBoardPictures
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule
 from src.errors import ConfigError, UserError
-from src.models.classifier import ViTClassifier
+from src.models.classifier import ARCHITECTURE, ViTClassifier
 
 ROOT_DIR = "data/lightning"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.yaml"
@@ -154,7 +154,7 @@ class ViTCLI(LightningCLI):
 
 
 # Hyperparameters that decide the network's shape or the meaning of its outputs.
-IDENTITY = ("num_classes", "class_names", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
+IDENTITY = (*ARCHITECTURE, "class_names")
 
 
 def check_compatible(model: LightningModule, checkpoint: dict, path: Path) -> None:

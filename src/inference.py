@@ -23,11 +23,11 @@ from torch import Tensor
 from src.data import CIFAR10DataModule, ImageDataModule, ImageFolderDataModule
 from src.data.transforms import eval_transform
 from src.errors import ConfigError, UserError
+from src.models.classifier import ARCHITECTURE
 from src.models.vit import ViT
 
 MODELS_DIR = Path("data/lightning/models")
-VIT_ARGS = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
-REQUIRED = (*VIT_ARGS, "mean", "std")
+REQUIRED = (*ARCHITECTURE, "mean", "std")
 DATAMODULES = {cls.__name__: cls for cls in (CIFAR10DataModule, ImageFolderDataModule)}
 
 
@@ -118,7 +118,7 @@ def load_classifier(path: Path, device: torch.device | str = "cpu") -> Classifie
     if missing:
         raise not_ours(path, f"missing settings: {', '.join(missing)}")
     try:
-        model = ViT(**{k: hparams[k] for k in VIT_ARGS})
+        model = ViT(**{k: hparams[k] for k in ARCHITECTURE})
         model.load_state_dict(state)
     except (ConfigError, RuntimeError) as error:
         raise not_ours(path, f"its weights do not fit its own settings: {str(error).splitlines()[0]}") from error

@@ -18,6 +18,11 @@ from src.errors import ConfigError
 from src.models.vit import ViT
 
 
+# The hyperparameters that fix the ViT's shape: a checkpoint's weights fit exactly the models built
+# with the same values (dropout and drop path change training, not the weights' layout).
+ARCHITECTURE = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear from ~0 to 1 over `warmup_steps`, then cosine down to `min_ratio`."""
     if step < warmup_steps:
