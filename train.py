@@ -7,6 +7,7 @@ resumes from it (pass --fresh to start over); after fitting, the best checkpoint
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -27,6 +28,10 @@ def main(args: list[str] | None = None) -> None:
     # Checkpoints are read weights-only everywhere: a file that holds code is refused, not run.
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path, weights_only=True)
     best = cli.best_checkpoint.best_model_path
+    if not cli.datamodule.testable:
+        last = Path(cli.best_checkpoint.dirpath) / "last.ckpt"
+        rank_zero_info(f"Pre-training finished (no class-labelled test). Fine-tune from it with --model.init_from {last}")
+        return
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
     if results:
         rank_zero_info(f"test/acc = {results[0]['test/acc']:.4f} (checkpoint: {best or 'last weights'})")

@@ -9,6 +9,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from src.errors import ConfigError
 from src.visualize import attention_rollout, confusion_figure, prediction_figure, to_pixels
 
+# Beyond this a confusion matrix is unreadable and slow to draw.
+MAX_CONFUSION_CLASSES = 100
+
 
 class KeepLoggerVersion(Callback):
     """Store the TensorBoard version in each checkpoint, so a resumed run extends the same curves."""
@@ -46,7 +49,8 @@ class TensorBoardPictures(Callback):
         step = trainer.global_step
         hp = pl_module.hparams
         names = hp.class_names or [str(i) for i in range(hp.num_classes)]
-        logger.experiment.add_figure("val/confusion_matrix", confusion_figure(matrix, names), step)
+        if hp.num_classes <= MAX_CONFUSION_CLASSES:  # e.g. not for 680 pre-training instances
+            logger.experiment.add_figure("val/confusion_matrix", confusion_figure(matrix, names), step)
 
         # The same images every time, so changes are the model's; spread over the split, because
         # folder datasets list one class after another.

@@ -149,6 +149,12 @@ class ViTCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         self.best_checkpoint: ModelCheckpoint = self._get(self.config_init, "checkpoint")
+        views = getattr(self.datamodule, "views", 1)
+        if self.model.hparams.get("contrastive_weight", 0) > 0 and views != 2:
+            raise ConfigError(
+                f"model.contrastive_weight > 0 compares two augmented views of each image, but data.views "
+                f"is {views}: set data.views: 2 (as configs/flowers17-contrastive.yaml does)"
+            )
         if self.resume_checkpoint is not None:
             check_compatible(self.model, self.resume_checkpoint, self.resume_path)
 

@@ -52,25 +52,45 @@ def stratified_split(targets: Sequence[int], sizes: Sequence[int], seed: int) ->
 
 
 class TransformedSubset(Dataset):
-    """The samples of `dataset` at `indices`, with `transform` applied to each image."""
+    """The samples of `dataset` at `indices`, with `transform` applied to each image.
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable) -> None:
+    With `views=2` each sample is two independent augmentations of the image, stacked (2, ...), as
+    a contrastive objective needs. With `instance_targets` the target of sample i is i itself: every
+    image is its own class (instance discrimination); `indices` are sorted, so an image keeps its
+    label whatever order the loader draws it in.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        indices: Sequence[int],
+        transform: Callable,
+        views: int = 1,
+        instance_targets: bool = False,
+    ) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.transform = transform
+        self.views = views
+        self.instance_targets = instance_targets
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
         image, target = self.dataset[self.indices[i]]
-        return self.transform(image), target
+        if self.instance_targets:
+            target = i
+        if self.views == 1:
+            return self.transform(image), target
+        return torch.stack([self.transform(image) for _ in range(self.views)]), target  # (V, N, P*P*C)
 
 
 class ImageDataModule(L.LightningDataModule):
     """Base of the project's DataModules.
 
-    Subclasses set `num_classes`, `class_names`, `image_size`, `mean` and `std` in `__init__` (the CLI
+    `views` is how many augmentations of each training image a batch holds (2 for the contrastive
+    term); evaluation always sees one. Subclasses set `num_classes`, `class_names`, `image_size`, `mean` and `std` in `__init__` (the CLI
     links them into the model) and fill `train_set`, `val_set` and `test_set` in `setup`.
     """
 
@@ -86,6 +106,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_workers: int | None = None,
         augment: Augment = "randaugment",
+        views: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -93,16 +114,24 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
         if patch_size < 1:
             raise ConfigError(f"patch_size must be a positive integer, got {patch_size}")
+        if views < 1:
+            raise ConfigError(f"views must be a positive integer, got {views}")
         if num_workers is not None and num_workers < 0:
             raise ConfigError(f"num_workers must be 0 or more, got {num_workers}")
         self.patch_size = patch_size
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.augment = augment
+        self.views = views
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    @property
+    def testable(self) -> bool:
+        """Whether there is a class-labelled test split for train.py to evaluate after fitting."""
+        return True
 
     def check_geometry(self) -> None:
         """Fail at start-up, not mid-epoch, when the patch size does not divide the image."""

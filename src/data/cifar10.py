@@ -24,9 +24,10 @@ class CIFAR10DataModule(ImageDataModule):
         batch_size: int = 128,
         num_workers: int | None = None,
         augment: Augment = "randaugment",
+        views: int = 1,
         seed: int = 0,
     ) -> None:
-        super().__init__(patch_size, batch_size, num_workers, augment, seed)
+        super().__init__(patch_size, batch_size, num_workers, augment, views, seed)
         # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
@@ -63,7 +64,7 @@ class CIFAR10DataModule(ImageDataModule):
         if stage in ("fit", "validate", None) and self.train_set is None:
             full = self._open(train=True)
             train_idx, val_idx = stratified_split(full.targets, [self.val_size], self.seed)
-            self.train_set = TransformedSubset(full, train_idx, self.train_transform)
+            self.train_set = TransformedSubset(full, train_idx, self.train_transform, self.views)
             self.val_set = TransformedSubset(full, val_idx, self.eval_transform)
         if stage in ("test", "predict", None) and self.test_set is None:
             test = self._open(train=False)

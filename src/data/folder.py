@@ -56,9 +56,10 @@ class ImageFolderDataModule(ImageDataModule):
         batch_size: int = 128,
         num_workers: int | None = None,
         augment: Augment = "randaugment",
+        views: int = 1,
         seed: int = 0,
     ) -> None:
-        super().__init__(patch_size, batch_size, num_workers, augment, seed)
+        super().__init__(patch_size, batch_size, num_workers, augment, views, seed)
         # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
@@ -120,6 +121,6 @@ class ImageFolderDataModule(ImageDataModule):
             if split not in sets:
                 dataset = self._scan(split)
                 sets[split] = (dataset, range(len(dataset)))
-        self.train_set = TransformedSubset(train, rest, self.train_transform)
+        self.train_set = TransformedSubset(train, rest, self.train_transform, self.views)
         self.val_set = TransformedSubset(*sets["val"], self.eval_transform)
         self.test_set = TransformedSubset(*sets["test"], self.eval_transform)

@@ -15,7 +15,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Augment = Literal["randaugment", "autoaugment", "none"]
+Augment = Literal["randaugment", "autoaugment", "simclr", "none"]
 
 
 class PatchifyTransform:
@@ -84,20 +84,55 @@ def train_transform(
     """
     if image_size % patch_size:
         raise ConfigError(f"patch_size={patch_size} does not divide image_size={image_size}")
-    policy = {
-        "randaugment": [v2.RandAugment(num_ops=2, magnitude=9)],
-        "autoaugment": [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)],
-        "none": [],
-    }
-    if augment not in policy:
-        raise ConfigError(f"augment must be one of {sorted(policy)}, got {augment!r}")
     return v2.Compose(
         [
             v2.Resize(image_size, antialias=True),
             v2.CenterCrop(image_size),
             v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"),
             v2.RandomHorizontalFlip(),
-            *policy[augment],
+            *_policy(augment),
         ]
         + _to_patches(patch_size, mean, std)
     )
+
+
+def photo_train_transform(
+    image_size: int,
+    patch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: Augment = "randaugment",
+    crop_scale: tuple[float, float] = (0.35, 1.0),
+) -> v2.Compose:
+    """Augmentation for photos larger than `image_size`: random resized crop, flip and a policy."""
+    if image_size % patch_size:
+        raise ConfigError(f"patch_size={patch_size} does not divide image_size={image_size}")
+    low, high = crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, scale=(low, high), antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_policy(augment),
+        ]
+        + _to_patches(patch_size, mean, std)
+    )
+
+
+def _policy(augment: Augment) -> list:
+    """The colour/geometry policy after crop and flip: RandAugment, AutoAugment, SimCLR colour, none."""
+    policies = {
+        "randaugment": [v2.RandAugment(num_ops=2, magnitude=9)],
+        "autoaugment": [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)],
+        # SimCLR's colour distortion (Chen et al. 2020): the strong augmentation contrastive and
+        # instance-discrimination objectives need, so two views differ in more than framing.
+        "simclr": [
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ],
+        "none": [],
+    }
+    if augment not in policies:
+        raise ConfigError(f"augment must be one of {sorted(policies)}, got {augment!r}")
+    return policies[augment]

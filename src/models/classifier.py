@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 from typing import Sequence
 
 import lightning as L
@@ -13,14 +14,20 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from lightning.pytorch.utilities import rank_zero_info
+
+from src.checkpoints import read_checkpoint
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from src.errors import ConfigError
+from src.models.losses import ProjectionHead, info_nce
 from src.models.vit import ViT
 
 
 # The hyperparameters that fix the ViT's shape: a checkpoint's weights fit exactly the models built
 # with the same values (dropout and drop path change training, not the weights' layout).
 ARCHITECTURE = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
+# Everything but the head: what a pre-trained backbone must share with the model it initialises.
+BACKBONE = tuple(k for k in ARCHITECTURE if k != "num_classes")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -33,7 +40,10 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay for weight matrices; none for biases, norms, cls_token and pos_embed."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    # Submodules name their own exceptions (ViT: cls_token, pos_embed), relative to themselves.
+    skip = {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() if hasattr(module, "no_weight_decay")
+            for name in module.no_weight_decay()}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -51,6 +61,11 @@ class ViTClassifier(L.LightningModule):
     `num_classes`, `image_size`, `patch_size`, `class_names`, `mean` and `std` come from the
     DataModule (linked by the CLI); they are saved with every checkpoint, so a checkpoint alone
     rebuilds the network and its evaluation preprocessing.
+
+    With `contrastive_weight` > 0 the training batches hold two augmented views of each image and the
+    loss is `CE + contrastive_weight * InfoNCE` between projections of the two views' class tokens.
+    `init_from` starts a new run from another checkpoint's backbone (e.g. instance-discrimination
+    pre-training) with a fresh head.
     """
 
     def __init__(
@@ -70,6 +85,10 @@ class ViTClassifier(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 5.0,
         label_smoothing: float = 0.1,
+        contrastive_weight: float = 0.0,
+        temperature: float = 0.1,
+        projection_dim: int = 128,
+        init_from: str | None = None,
         class_names: list[str] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -83,6 +102,11 @@ class ViTClassifier(L.LightningModule):
             raise ConfigError(f"warmup_epochs must be 0 or more, got {warmup_epochs}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if contrastive_weight < 0 or temperature <= 0 or projection_dim < 1:
+            raise ConfigError(
+                f"need contrastive_weight >= 0, temperature > 0 and projection_dim >= 1; got "
+                f"{contrastive_weight}, {temperature} and {projection_dim}"
+            )
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class names for num_classes={num_classes}")
         self.save_hyperparameters()
@@ -97,6 +121,8 @@ class ViTClassifier(L.LightningModule):
             dropout=dropout,
             drop_path=drop_path,
         )
+        # Only built when used: a run without the contrastive term pays nothing and saves no extra weights.
+        self.projector = ProjectionHead(dim, dim, projection_dim) if contrastive_weight > 0 else None
         metrics = {"acc": MulticlassAccuracy(num_classes, average="micro")}
         if num_classes > 5:
             metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
@@ -109,38 +135,76 @@ class ViTClassifier(L.LightningModule):
     def forward(self, patches: Tensor) -> Tensor:
         return self.model(patches)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        patches, targets = batch
+        views = 1
+        if patches.ndim == 4:  # (B, V, N, P*P*C): V augmentations of each image
+            views = patches.shape[1]
+            patches = patches.transpose(0, 1).flatten(0, 1)  # (V*B, N, P*P*C), all first views first
+            targets = targets.repeat(views)  # (V*B,)
+        features = self.model.forward_features(patches)  # (V*B, N+1, D)
+        logits = self.model.forward_head(features)
+        # Label smoothing regularises training only; validation and test report the plain loss.
+        loss = F.cross_entropy(logits, targets, label_smoothing=hp.label_smoothing)
+        if self.projector is not None:
+            if views != 2:
+                raise ConfigError(
+                    f"contrastive_weight > 0 needs two augmented views per image, the batches hold {views}: "
+                    "set data.views: 2"
+                )
+            z1, z2 = self.projector(features[:, 0]).chunk(2)  # (B, projection_dim) each
+            contrastive = info_nce(z1, z2, hp.temperature)
+            self.log_dict({"train/ce": loss, "train/contrastive": contrastive}, on_step=True, on_epoch=False)
+            loss = loss + hp.contrastive_weight * contrastive
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.train_metrics(logits, targets)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         patches, targets = batch
         logits = self(patches)
-        # Label smoothing regularises training only; validation and test report the plain loss.
-        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
-        metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics(logits, targets)
         if stage == "val":
             self.val_confusion.update(logits, targets)
-        # The training loss is a per-step curve; evaluation losses are epoch means over all ranks.
-        training = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=not training, prog_bar=True,
-                 sync_dist=not training)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not training)
-        return loss
+        # Evaluation losses are epoch means over all ranks.
+        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_start(self) -> None:
         self.val_confusion.reset()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        self._evaluate(batch, "test")
+
+    def on_fit_start(self) -> None:
+        # Only a new run starts from init_from; a resumed one has just restored its own weights.
+        if self.hparams.init_from and self.trainer.ckpt_path is None:
+            self.load_backbone(self.hparams.init_from)
+
+    def load_backbone(self, path: str | Path) -> None:
+        """Copy every weight but the head from a checkpoint of a ViT with the same backbone."""
+        saved, state, _ = read_checkpoint(Path(path))
+        differ = [f"{k}={saved.get(k)!r} (here: {self.hparams[k]!r})" for k in BACKBONE
+                  if saved.get(k) != self.hparams[k]]
+        if differ:
+            raise ConfigError(f"init_from {path}: its backbone differs from this model's: {'; '.join(differ)}")
+        backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
+        missing, unexpected = self.model.load_state_dict(backbone, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("head.")]:
+            raise ConfigError(f"init_from {path}: weights do not fit this model "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        rank_zero_info(f"Initialised the backbone from {path} ({len(backbone)} tensors); "
+                       f"the {self.hparams.num_classes}-class head starts fresh.")
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=hp.betas)
+        optimizer = torch.optim.AdamW(param_groups(self, hp.weight_decay), lr=hp.lr, betas=hp.betas)
         total_steps = int(self.trainer.estimated_stepping_batches)
         # estimated_stepping_batches has loaded the train loader, so the epoch length is known.
         steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
