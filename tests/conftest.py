@@ -83,3 +83,36 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: 
 def image_folder(tmp_path: Path) -> Path:
     """Three classes of twelve 32x32 PNGs, no val/ or test/ folder."""
     return write_image_folder(tmp_path / "images")
+
+
+FLOWERS17 = SHARED_DATASETS / "17flowers"
+
+
+def write_flowers17(root: Path, width: int = 24, height: int = 16) -> Path:
+    """All 1360 Flowers-17 file names as tiny flat-colour JPEGs whose colour encodes k (red steps of
+    8, green steps of 6: wider than JPEG's error), so a test can tell which file an image came from."""
+    folder = root / "jpg"
+    folder.mkdir(parents=True)
+    for k in range(1, 1361):
+        colour = ((k % 32) * 8, (k // 32) * 6, 128)
+        Image.new("RGB", (width, height), colour).save(folder / f"image_{k:04d}.jpg", quality=95)
+    return root
+
+
+def image_number(image) -> int:
+    """Which write_flowers17 file a decoded uint8 (3, H, W) image came from."""
+    red, green = (float(image[c].float().mean()) for c in (0, 1))
+    return round(green / 6) * 32 + round(red / 8)
+
+
+@pytest.fixture(scope="session")
+def flowers17_pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_flowers17(tmp_path_factory.mktemp("flowers17"))
+
+
+@pytest.fixture
+def flowers17(tmp_path: Path, flowers17_pristine: Path) -> Path:
+    """A private copy of the synthetic Flowers-17 folder, free to damage."""
+    import shutil
+
+    return Path(shutil.copytree(flowers17_pristine, tmp_path / "flowers17"))

@@ -1,0 +1,109 @@
+"""Flowers-17 at equal wall-clock: supervised vs. + contrastive term vs. pre-train + fine-tune.
+
+    python bench/flowers17.py --root ../shared/datasets/17flowers --budget 600
+
+Each method gets the same budget in seconds, all of it spent through the real `train.py`. The
+epochs that fit are calibrated first (two short runs per config; the difference is the cost of an
+epoch, start-up excluded), so every run completes its warm-up + cosine schedule instead of being cut
+off mid-way; `--trainer.max_time` is set as well, as a hard stop. Pre-train + fine-tune splits the
+budget (`--pretrain-share`). Every run starts fresh in its own folder; the test accuracy of the
+checkpoint chosen on validation and the wall time are printed per method, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train(config: str, args: list[str], workdir: Path) -> tuple[float, str]:
+    """Run train.py in `workdir`; (wall seconds, combined output)."""
+    command = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / config), *args]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        sys.exit(f"{config} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return seconds, result.stdout + result.stderr
+
+
+def seconds_per_epoch(config: str, common: list[str], scratch: Path) -> tuple[float, float]:
+    """(start-up seconds, seconds per epoch) of a config, from a 1-epoch and a 3-epoch run."""
+    times = []
+    for epochs in (1, 3):
+        folder = Path(tempfile.mkdtemp(dir=scratch))
+        seconds, _ = train(config, [*common, "--trainer.max_epochs", str(epochs)], folder)
+        times.append(seconds)
+    per_epoch = (times[1] - times[0]) / 2
+    return times[0] - per_epoch, per_epoch
+
+
+def test_accuracy(output: str) -> float:
+    match = re.search(r"test/acc = ([0-9.]+)", output)
+    if not match:
+        sys.exit(f"no test/acc in the output:\n{output[-3000:]}")
+    return float(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="data/flowers17", help="folder with jpg/ (and datasplits.mat)")
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds per method, start-up included")
+    parser.add_argument("--pretrain-share", type=float, default=0.6, help="of the budget, for pre-training")
+    parser.add_argument("--methods", nargs="+", default=["supervised", "contrastive", "pretrain+finetune"])
+    parser.add_argument("overrides", nargs="*", help="extra flags for every run, e.g. --data.split=2")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="flowers17-bench-"))
+    cache = scratch / "cache"
+    common = ["--data.root", str(Path(args.root).resolve()), "--data.download", "false",
+              "--data.cache_dir", str(cache), "--early_stopping.patience", "100000", *args.overrides]
+    train("configs/flowers17.yaml", [*common, "--trainer.fast_dev_run", "true"], scratch)  # fills the cache
+
+    def plan(config: str, budget: float) -> list[str]:
+        startup, per_epoch = seconds_per_epoch(config, common, scratch)
+        epochs = max(1, math.floor((budget - startup) / per_epoch))
+        print(f"{config}: start-up {startup:.1f} s, {per_epoch:.2f} s/epoch -> {epochs} epochs in {budget:.0f} s",
+              flush=True)
+        return ["--trainer.max_epochs", str(epochs), "--trainer.max_time", f"00:00:00:{int(budget)}"]
+
+    rows = []
+    for method in args.methods:
+        folder = Path(tempfile.mkdtemp(prefix=method.replace("+", "-") + "-", dir=scratch))
+        if method == "pretrain+finetune":
+            pre_budget = args.budget * args.pretrain_share
+            pre_plan = plan("configs/flowers17-pretrain.yaml", pre_budget)
+            fine_plan = plan("configs/flowers17-finetune.yaml", args.budget - pre_budget)
+            pre_seconds, _ = train("configs/flowers17-pretrain.yaml", [*common, *pre_plan], folder)
+            backbone = folder / "data/lightning/flowers17-pretrain/last.ckpt"
+            seconds, output = train("configs/flowers17-finetune.yaml",
+                                    [*common, *fine_plan, "--model.init_from", str(backbone)], folder)
+            seconds += pre_seconds
+            epochs = f"{pre_plan[1]} + {fine_plan[1]}"
+        else:
+            config = {"supervised": "configs/flowers17.yaml",
+                      "contrastive": "configs/flowers17-contrastive.yaml"}[method]
+            run_plan = plan(config, args.budget)
+            seconds, output = train(config, [*common, *run_plan], folder)
+            epochs = run_plan[1]
+        split = re.search(r"Flowers-17: (.*?): \d+ train", output)
+        rows.append((method, epochs, seconds, test_accuracy(output)))
+        print(f"{method}: test acc {rows[-1][3]:.4f} after {epochs} epochs in {seconds:.0f} s "
+              f"({split.group(1) if split else 'split not reported'})", flush=True)
+
+    print(f"\n| method | epochs | wall s | test acc |\n|---|---|---|---|")
+    for method, epochs, seconds, accuracy in rows:
+        print(f"| {method} | {epochs} | {seconds:.0f} | {accuracy:.4f} |")
+    print(f"\nruns kept in {scratch}")
+
+
+if __name__ == "__main__":
+    main()
