@@ -73,7 +73,8 @@ def main() -> None:
         epochs = max(1, math.floor((budget - startup) / per_epoch))
         print(f"{config}: start-up {startup:.1f} s, {per_epoch:.2f} s/epoch -> {epochs} epochs in {budget:.0f} s",
               flush=True)
-        return ["--trainer.max_epochs", str(epochs), "--trainer.max_time", f"00:00:00:{int(budget)}"]
+        minutes, seconds = divmod(int(budget), 60)
+        return ["--trainer.max_epochs", str(epochs), "--trainer.max_time", f"00:00:{minutes:02d}:{seconds:02d}"]
 
     rows = []
     for method in args.methods:
