@@ -157,6 +157,11 @@ class ViTCLI(LightningCLI):
             )
         if self.resume_checkpoint is not None:
             check_compatible(self.model, self.resume_checkpoint, self.resume_path)
+        elif self.model.hparams.get("init_from") and not Path(self.model.hparams.init_from).is_file():
+            raise ConfigError(
+                f"model.init_from: {self.model.hparams.init_from} does not exist; train the backbone first "
+                "(e.g. python train.py --config configs/flowers17-pretrain.yaml) or pass --model.init_from PATH"
+            )
 
 
 # Hyperparameters that decide the network's shape or the meaning of its outputs.

@@ -25,7 +25,8 @@ from src.errors import ConfigError, UserError
 from src.models.classifier import ARCHITECTURE
 from src.models.vit import ViT
 
-MODELS_DIR = Path("data/lightning/models")
+# Each recipe keeps its checkpoints in its own folder here (models/ for CIFAR-10, flowers17/, ...).
+RUNS_DIR = Path("data/lightning")
 REQUIRED = (*ARCHITECTURE, "mean", "std")
 DATAMODULES = {cls.__name__: cls for cls in (CIFAR10DataModule, Flowers17DataModule, ImageFolderDataModule)}
 
@@ -96,11 +97,17 @@ def export_safetensors(classifier: Classifier, out: Path) -> None:
     save_file(state, str(out), metadata=metadata)
 
 
-def default_checkpoint(models_dir: Path = MODELS_DIR) -> tuple[Path, str]:
+def newest_last_checkpoint(runs_dir: Path = RUNS_DIR) -> Path | None:
+    """The most recently written `last.ckpt` among the recipes' folders (models/, flowers17/, ...)."""
+    candidates = [p for p in runs_dir.glob("*/last.ckpt") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def default_checkpoint(runs_dir: Path = RUNS_DIR) -> tuple[Path, str]:
     """The newest run's best checkpoint by val/acc, else its last.ckpt; with a line saying which."""
-    last = models_dir / "last.ckpt"
-    if not last.is_file():
-        raise UserError(f"no checkpoint in {models_dir} yet: train one with `python train.py` "
+    last = newest_last_checkpoint(runs_dir)
+    if last is None:
+        raise UserError(f"no checkpoint in {runs_dir}/*/ yet: train one with `python train.py` "
                         "(or pass --checkpoint PATH)")
     try:
         state = torch.load(last, map_location="cpu", weights_only=True)

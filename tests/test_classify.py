@@ -164,7 +164,7 @@ def test_errors_are_one_clear_line(case: str, run_dir: Path, tmp_path: Path, mon
     good = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
     good.save(tmp_path / "good.png")
     argv, expected = {
-        "no_checkpoint": ([], "no checkpoint in data/lightning/models yet: train one with `python train.py`"),
+        "no_checkpoint": ([], "no checkpoint in data/lightning/*/ yet: train one with `python train.py`"),
         "missing_image": (["--checkpoint", ckpt, "nope.png"], "nope.png does not exist"),
         "not_an_image": (["--checkpoint", ckpt, "notes.png"], "cannot read image notes.png"),
         "truncated_image": (["--checkpoint", ckpt, "cut.png"], "cannot read image cut.png"),
@@ -204,3 +204,17 @@ def test_tensorboard_pictures_and_hparams(run_dir: Path):
     plugins = events.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in plugins
     assert b"hp/test_acc" in plugins["_hparams_/experiment"]
+
+
+def test_default_checkpoint_is_the_newest_recipe_folders(tmp_path: Path):
+    import os
+
+    from src.inference import newest_last_checkpoint
+
+    assert newest_last_checkpoint(tmp_path) is None
+    for age, recipe in [(300, "models"), (100, "flowers17"), (200, "flowers17-pretrain")]:
+        path = tmp_path / recipe / "last.ckpt"
+        path.parent.mkdir()
+        path.write_bytes(b"")
+        os.utime(path, (1e9 - age, 1e9 - age))
+    assert newest_last_checkpoint(tmp_path) == tmp_path / "flowers17" / "last.ckpt"

@@ -236,3 +236,11 @@ def test_contrastive_run_logs_both_terms_and_needs_two_views(tmp_path: Path):
                      "--model.contrastive_weight", "0.5", "--fresh")
     assert one_view.returncode == 2
     assert "set data.views: 2" in one_view.stderr and "Traceback" not in one_view.stderr
+
+
+def test_finetune_without_a_pretrained_backbone_says_what_to_run(tmp_path: Path, flowers17: Path):
+    run = train(tmp_path, "--config", str(REPO / "configs/flowers17-finetune.yaml"),
+                "--data.root", str(flowers17), "--data.download", "false")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "model.init_from: data/lightning/flowers17-pretrain/last.ckpt does not exist" in run.stderr
+    assert "configs/flowers17-pretrain.yaml" in run.stderr
