@@ -90,8 +90,9 @@ class ImageDataModule(L.LightningDataModule):
     """Base of the project's DataModules.
 
     `views` is how many augmentations of each training image a batch holds (2 for the contrastive
-    term); evaluation always sees one. Subclasses set `num_classes`, `class_names`, `image_size`, `mean` and `std` in `__init__` (the CLI
-    links them into the model) and fill `train_set`, `val_set` and `test_set` in `setup`.
+    term); evaluation always sees one. Subclasses set `num_classes`, `class_names`, `image_size`,
+    `mean` and `std` in `__init__` (the CLI links them into the model) and fill `train_set`,
+    `val_set` and `test_set` in `setup`.
     """
 
     num_classes: int

@@ -135,13 +135,14 @@ def decoded_images(files: Sequence[Path], size: int, cache: Path) -> Tensor:
     progress = tqdm(files, desc=f"Decoding Flowers-17 once at {size}px", unit="img", leave=False)
     for i, path in enumerate(progress):
         images[i] = decode(path, size)
+    partial = cache.with_suffix(f".tmp{os.getpid()}")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".tmp{os.getpid()}")
         torch.save({"files": stamp, "images": images}, partial)
         os.replace(partial, cache)  # readers see the old file or the whole new one
         rank_zero_info(f"Flowers-17: decoded images cached in {cache}")
     except OSError as error:
+        partial.unlink(missing_ok=True)
         rank_zero_warn(f"could not write the Flowers-17 cache {cache} ({error}); decoding again next run")
     return images
 
@@ -233,7 +234,7 @@ class Flowers17DataModule(ImageDataModule):
             self.num_classes, self.class_names = SPLIT_SIZES["train"], None
         self.split_used: str | None = None
         self.check_geometry()
-        photo_train_transform(image_size, patch_size, self.mean, self.std, augment, self.crop_scale)
+        _ = self.train_transform  # built once now, so a bad crop_scale or augment fails at start-up
 
     @property
     def testable(self) -> bool:

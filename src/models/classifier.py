@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
-
 from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from src.checkpoints import read_checkpoint
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
