@@ -148,6 +148,8 @@ def test_settings_are_checked():
         Flowers17DataModule(image_size=60, patch_size=8)
     with pytest.raises(ConfigError, match="crop_scale"):
         Flowers17DataModule(crop_scale=(0.5, 0.2))
+    with pytest.raises(ConfigError, match="mean and std need 3 values"):
+        Flowers17DataModule(std=(0.2, 0.2))
 
 
 def test_two_views_are_two_different_augmentations(flowers17: Path):

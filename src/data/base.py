@@ -129,6 +129,15 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def set_image(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Check and keep the image geometry and normalisation the CLI links into the model."""
+        if image_size < 1:
+            raise ConfigError(f"image_size must be a positive integer, got {image_size}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ConfigError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
+        self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+
     @property
     def testable(self) -> bool:
         """Whether there is a class-labelled test split for train.py to evaluate after fitting."""

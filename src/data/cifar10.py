@@ -36,8 +36,7 @@ class CIFAR10DataModule(ImageDataModule):
         self.num_classes = 10
         self.class_names = ["airplane", "automobile", "bird", "cat", "deer",
                             "dog", "frog", "horse", "ship", "truck"]
-        self.image_size = 32
-        self.mean, self.std = CIFAR10_MEAN, CIFAR10_STD
+        self.set_image(32, CIFAR10_MEAN, CIFAR10_STD)
         self.check_geometry()
 
     def _open(self, train: bool, download: bool = False) -> CIFAR10:

@@ -214,8 +214,7 @@ class Flowers17DataModule(ImageDataModule):
             raise ConfigError(f"split must be 1, 2 or 3 (the three official splits), got {split}")
         if targets not in ("class", "instance"):
             raise ConfigError(f"targets must be 'class' or 'instance', got {targets!r}")
-        if image_size < 1:
-            raise ConfigError(f"image_size must be a positive integer, got {image_size}")
+        self.set_image(image_size, mean, std)
         # Twice the training size by default: random crops of the cached square keep their detail.
         self.cache_size = 2 * image_size if cache_size is None else cache_size
         if self.cache_size < image_size:
@@ -226,8 +225,6 @@ class Flowers17DataModule(ImageDataModule):
         self.cache_dir = Path(cache_dir)
         self.crop_scale = tuple(crop_scale)
         self.targets = targets
-        self.image_size = image_size
-        self.mean, self.std = tuple(mean), tuple(std)
         if targets == "class":
             self.num_classes, self.class_names = len(CLASSES), list(CLASSES)
         else:  # one class per training image; both the official and the seeded split have 680

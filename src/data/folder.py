@@ -72,14 +72,9 @@ class ImageFolderDataModule(ImageDataModule):
         for name, fraction in [("val_fraction", val_fraction), ("test_fraction", test_fraction)]:
             if not 0.0 < fraction < 1.0:
                 raise ConfigError(f"{name} must be between 0 and 1, got {fraction}")
-        if image_size < 1:
-            raise ConfigError(f"image_size must be a positive integer, got {image_size}")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ConfigError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
+        self.set_image(image_size, mean, std)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
-        self.image_size = image_size
-        self.mean, self.std = tuple(mean), tuple(std)
         self.class_names = self._class_names(self.split_dirs["train"])
         self.num_classes = len(self.class_names)
         for split in ("val", "test"):
