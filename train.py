@@ -6,6 +6,7 @@ resumes from it (pass --fresh to start over); after fitting, the best checkpoint
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -37,9 +38,29 @@ def main(args: list[str] | None = None) -> None:
         rank_zero_info(f"test/acc = {results[0]['test/acc']:.4f} (checkpoint: {best or 'last weights'})")
 
 
-if __name__ == "__main__":
+def one_line(error: BaseException) -> str:
+    """The error's own message, also when a DataLoader worker re-raised it wrapped in a traceback."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:  # torch's ExceptionWrapper
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
+def run(args: list[str] | None = None) -> int:
+    """train.py's exit status: 0 when done, 2 for a problem the user can fix (one line on stderr).
+
+    Ctrl-C and SIGTERM during training save last.ckpt and exit with 130 and 143 (src.callbacks.StopOnSignal).
+    """
     try:
-        main()
+        main(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # during start-up; inside fit Lightning exits by itself
+        print("Interrupted before training started; nothing was saved.", file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from pathlib import Path
+
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from src.errors import ConfigError
 from src.visualize import attention_rollout, confusion_figure, prediction_figure, to_pixels
@@ -19,6 +25,82 @@ class KeepLoggerVersion(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if trainer.logger is not None:
             checkpoint["logger_version"] = trainer.logger.version
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint for `every_n_train_steps` / `train_time_interval` that skips an epoch's last batch.
+
+    Lightning 2.6 mis-counts epochs when it resumes from a checkpoint written after the last batch
+    of an epoch but before that epoch's validation: a later resume then replays a whole epoch. The
+    checkpoint written after validation covers that moment instead.
+    """
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches:
+            return
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+
+class Interrupted(SystemExit):
+    """Training stopped on a signal after saving last.ckpt; exits with status 128 + the signal number."""
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM (cluster preemption, `kill`): finish the batch, save last.ckpt, exit.
+
+    The stop waits for the end of a batch that is not an epoch's last. There Lightning 2.6 resumes
+    exactly, as it does from a step checkpoint; a state saved in the middle of validation or between
+    an epoch's last batch and its validation is resumed wrongly (validation metrics missing, epochs
+    counted twice). Under DDP the ranks agree on the stop at every step, so they stop together.
+    A second Ctrl-C stops at once, without saving.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.requested = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self._previous = {number: signal.getsignal(number) for number in self.SIGNALS}
+        for number in self.SIGNALS:
+            signal.signal(number, self._request)
+
+    def _request(self, number: int, frame: object) -> None:
+        if self.requested is not None:  # asked twice: stop now
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = number
+        rank_zero_info(f"\n{signal.Signals(number).name} received: stopping after this batch to save last.ckpt "
+                       "(press Ctrl-C again to stop at once without saving) ...")
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
+        stop = self.requested is not None
+        if trainer.world_size > 1:  # every rank must take the same decision at the same step
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
+        if not stop or (last_batch and trainer.num_training_batches > 1):
+            return
+        last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        trainer.save_checkpoint(last, weights_only=False)  # the full state, to resume from
+        number = self.requested or signal.SIGTERM  # another rank was signalled
+        rank_zero_info(
+            f"Stopped by {signal.Signals(number).name} in epoch {trainer.current_epoch}, global step "
+            f"{trainer.global_step}: saved {last}. Run the same command to resume from it."
+        )
+        self._restore()
+        raise Interrupted(128 + number)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore()
 
 
 class TensorBoardPictures(Callback):

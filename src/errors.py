@@ -11,3 +11,11 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError):
     """A missing, corrupt or unusable dataset or image."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (full disk, read-only folder); the previous one is intact."""
+
+
+class DivergedError(UserError):
+    """Training produced NaN or inf; the checkpoints from before it are kept."""

@@ -90,13 +90,16 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
     assert relabel.returncode == 2 and "Traceback" not in relabel.stderr
     assert "class_names=['class_0', 'class_1', 'class_2'] (config: ['kind_0'" in relabel.stderr
 
-    # An unreadable last.ckpt is one clear line too (this copy is put back afterwards).
-    good = (models / "last.ckpt").read_bytes()
-    (models / "last.ckpt").write_bytes(good[: len(good) // 2])
+    # With every checkpoint unreadable, one clear line too (the files are put back afterwards;
+    # the fallback to another readable checkpoint is in test_reliability.py).
+    saved = {path: path.read_bytes() for path in models.glob("*.ckpt")}
+    for path, good in saved.items():
+        path.write_bytes(good[: len(good) // 2])
     torn = train(tmp_path, *run, "--trainer.max_epochs", "4")
     assert torn.returncode == 2 and "Traceback" not in torn.stderr
     assert "cannot read data/lightning/models/last.ckpt" in torn.stderr.strip().splitlines()[-1]
-    (models / "last.ckpt").write_bytes(good)
+    for path, good in saved.items():
+        path.write_bytes(good)
 
     fresh = train(tmp_path, *run, "--trainer.max_epochs", "1", "--model.dim", "32", "--fresh")
     assert fresh.returncode == 0, fresh.stderr

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from src.checkpoints import read_checkpoint
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from src.errors import ConfigError
+from src.errors import ConfigError, DivergedError
 from src.models.losses import ProjectionHead, info_nce
 from src.models.vit import ViT
 
@@ -156,6 +156,14 @@ class ViTClassifier(L.LightningModule):
             contrastive = info_nce(z1, z2, hp.temperature)
             self.log_dict({"train/ce": loss, "train/contrastive": contrastive}, on_step=True, on_epoch=False)
             loss = loss + hp.contrastive_weight * contrastive
+        # One host sync per step, so a diverged run stops at once instead of training (and, worse,
+        # checkpointing) on NaN weights until the next validation notices.
+        if not torch.isfinite(loss):
+            raise DivergedError(
+                f"train/loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}): training diverged. The checkpoints saved before this step are kept; lower "
+                f"--model.lr (now {hp.lr:g}) or lengthen --model.warmup_epochs and start again with --fresh"
+            )
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.train_metrics(logits, targets)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)

@@ -1,0 +1,185 @@
+"""Training that survives kill -9, signals, NaNs and full disks: real `train.py` processes on tiny data."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, write_image_folder
+from src.checkpoints import SafeCheckpointIO, load_for_resume
+from src.errors import CheckpointWriteError, DivergedError
+from test_cli import TINY_RUN, train
+
+MODELS = Path("data/lightning/models")
+STEPS_PER_EPOCH = 12  # 96 training images (120 less 10 % val and 10 % test) / batch 8
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("reliability") / "images", classes=3, per_class=40)
+
+
+def command(images: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), *TINY_RUN, "--data.root", str(images), *args]
+
+
+def read_last(cwd: Path) -> dict:
+    return torch.load(cwd / MODELS / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def partial_files(cwd: Path) -> list[str]:
+    folder = cwd / MODELS
+    return [n for n in os.listdir(folder) if n.endswith(".partial")] if folder.is_dir() else []
+
+
+def test_kill_9_at_random_moments_then_finish(tmp_path: Path, images: Path):
+    """Ten SIGKILLs, every other one while a checkpoint is being written; each restart resumes, the
+    global step never goes back, and the last run finishes exactly where an uninterrupted one does."""
+    epochs = 10
+    args = command(images, "--trainer.max_epochs", str(epochs), "--step_checkpoint.every_n_train_steps", "1")
+    rng = random.Random(0)
+    kills = mid_write = restarts = 0
+    steps = [0]
+    while kills < 10:
+        log = open(tmp_path / f"run{restarts}.log", "w")
+        process = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        restarts += 1
+        if kills % 2 == 0:  # a random moment: start-up, a step, validation, a save
+            time.sleep(rng.uniform(1.0, 6.0))
+        else:  # the moment a checkpoint write has begun (its temporary file exists)
+            deadline = time.monotonic() + 60
+            while not partial_files(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+                pass
+        if process.poll() is not None:  # finished before the kill landed
+            log.close()
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        log.close()
+        kills += 1
+        mid_write += bool(partial_files(tmp_path))
+        if (tmp_path / MODELS / "last.ckpt").exists():
+            steps.append(read_last(tmp_path)["global_step"])  # must load: never a torn file
+        assert steps[-1] >= steps[-2], f"global step went back: {steps}"
+    assert kills == 10, f"the run finished after {kills} kills; give it more epochs"
+    assert mid_write >= 3, f"only {mid_write} kills landed inside a checkpoint write"
+
+    final = train(tmp_path, *args[2:])
+    assert final.returncode == 0, final.stderr
+    assert "Resuming from" in final.stderr and not partial_files(tmp_path)
+    state = read_last(tmp_path)
+    assert state["global_step"] == epochs * STEPS_PER_EPOCH and state["epoch"] == epochs - 1
+    assert steps[-1] <= state["global_step"]
+    assert re.search(r"test/acc = 1\.0000", final.stdout + final.stderr)  # a finished run's test result
+
+
+def test_sigterm_and_ctrl_c_save_then_resume(tmp_path: Path, images: Path):
+    args = command(images, "--trainer.max_epochs", "40")
+    last = tmp_path / MODELS / "last.ckpt"
+    for sig, code in [(signal.SIGTERM, 143), (signal.SIGINT, 130)]:
+        written = last.stat().st_mtime_ns if last.exists() else None
+        process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Wait until this run is training (it has written an epoch's checkpoint), then signal mid-epoch.
+        while not last.exists() or last.stat().st_mtime_ns == written:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.05)
+        before = read_last(tmp_path)["global_step"]
+        time.sleep(0.3)
+        process.send_signal(sig)
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == code, output
+        assert f"Stopped by {sig.name}" in output and "Run the same command to resume" in output
+        assert "Traceback" not in output
+        saved = read_last(tmp_path)["global_step"]
+        assert saved > before  # the interrupt saved the steps since the last epoch's checkpoint
+    resumed = train(tmp_path, *args[2:], "--trainer.max_epochs", "41")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"global step {saved})" in resumed.stderr
+    assert read_last(tmp_path)["global_step"] == 41 * STEPS_PER_EPOCH
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path: Path, images: Path):
+    args = command(images, "--trainer.max_epochs", "2", "--step_checkpoint.every_n_train_steps", "1")
+    good = train(tmp_path, *args[2:], "--trainer.max_epochs", "1")
+    assert good.returncode == 0, good.stderr
+    before = (tmp_path / MODELS / "last.ckpt").read_bytes()
+    # lr 1e30 blows the weights up in the first step, and the loss overflows right after.
+    diverged = train(tmp_path, *args[2:], "--fresh", "--model.lr", "1e30", "--model.warmup_epochs", "0")
+    assert diverged.returncode == 2, diverged.stderr
+    last_line = diverged.stderr.strip().splitlines()[-1]
+    assert re.search(r"error: (train/loss is (nan|inf)|weight \S+ is NaN or inf) at global step \d+", last_line)
+    assert "Traceback" not in diverged.stderr
+    kept = next(p for p in (tmp_path / MODELS).parent.iterdir() if p.name.startswith("models-"))
+    assert (kept / "last.ckpt").read_bytes() == before  # the good run was moved aside untouched
+    # Whatever the diverged run saved before the NaN is finite.
+    for path in (tmp_path / MODELS).glob("*.ckpt"):
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), path
+
+
+def test_checkpoint_writer_is_atomic_and_refuses_nan(tmp_path: Path):
+    io = SafeCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    good = path.read_bytes()
+
+    with pytest.raises(DivergedError, match="weight w is NaN or inf at global step 2"):
+        io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}, "global_step": 2}, path)
+    assert path.read_bytes() == good
+
+    class Unpicklable:  # fails half-way through torch.save, like a write cut short
+        def __reduce__(self):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(CheckpointWriteError, match="the disk is full.*previous checkpoints .* are intact"):
+        io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "x": Unpicklable()}, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+def limit_file_size(limit: int):
+    """For a child process: files larger than `limit` bytes cannot be written (EFBIG), like a full disk."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write() instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_during_a_save_is_one_clear_error(tmp_path: Path, images: Path):
+    args = command(images, "--trainer.max_epochs", "1")
+    assert train(tmp_path, *args[2:]).returncode == 0
+    last = tmp_path / MODELS / "last.ckpt"
+    before = last.read_bytes()
+    # The resumed run can write its logs (small files) but not a checkpoint (about 100 kB).
+    full = subprocess.run([*args[:-1], "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size(len(before) // 2))
+    assert full.returncode == 2
+    assert "Traceback" not in full.stderr
+    assert re.search(r"error: could not write checkpoint \S+\.ckpt \(the disk is full", full.stderr)
+    assert last.read_bytes() == before and not partial_files(tmp_path)
+    # With space again, the same command resumes from the intact checkpoint.
+    again = train(tmp_path, *args[2:-1], "2")
+    assert again.returncode == 0 and "global step 12)" in again.stderr
+
+
+def test_unreadable_last_checkpoint_falls_back_to_the_newest_readable(tmp_path: Path):
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.save({"global_step": 4}, models / "epoch000.ckpt")
+    torch.save({"global_step": 8}, models / "epoch001.ckpt")
+    os.utime(models / "epoch000.ckpt", (1, 1))  # older
+    (models / "epoch002.ckpt").write_bytes(b"torn")
+    (models / "last.ckpt").write_bytes(b"not a zip")
+    with pytest.warns(UserWarning, match=r"last\.ckpt is unreadable .* resuming from .*epoch001\.ckpt"):
+        path, state = load_for_resume(models / "last.ckpt")
+    assert path.name == "epoch001.ckpt" and state["global_step"] == 8
