@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning import seed_everything
 
 from conftest import REPO, write_image_folder
 from src.checkpoints import SafeCheckpointIO, load_for_resume
 from src.errors import CheckpointWriteError, DivergedError
+from src.models.classifier import ViTClassifier
 from test_cli import TINY_RUN, train
 
 MODELS = Path("data/lightning/models")
@@ -183,3 +185,57 @@ def test_unreadable_last_checkpoint_falls_back_to_the_newest_readable(tmp_path: 
     with pytest.warns(UserWarning, match=r"last\.ckpt is unreadable .* resuming from .*epoch001\.ckpt"):
         path, state = load_for_resume(models / "last.ckpt")
     assert path.name == "epoch001.ckpt" and state["global_step"] == 8
+
+
+def write_flat_images(root: Path, classes: int = 3, per_class: int = 20) -> Path:
+    """Flat-colour images: random crops and flips leave them unchanged, so training is deterministic."""
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            colour = ((c * 97 + 3 * i) % 256, (c * 57 + 80) % 256, (c * 151 + 30 + 2 * i) % 256)
+            Image.new("RGB", (16, 16), colour).save(root / f"class_{c}" / f"{i:03d}.png")
+    return root
+
+
+def final_state(cwd: Path) -> tuple[dict, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    state = read_last(cwd)["state_dict"]
+    events = EventAccumulator(str(cwd / "data/lightning/lightning_logs/version_0")).Reload()
+    return state, events.Scalars("val/loss")[-1].value
+
+
+def test_two_process_cpu_ddp_matches_one_process(tmp_path: Path):
+    """gloo DDP, 2 ranks x batch 24 against 1 process x batch 48 (the whole training set, so both take
+    the same full-batch steps): the same weights and the same synced validation loss."""
+    images = write_flat_images(tmp_path / "images")  # 60 images: 48 train, 6 val, 6 test
+    common = ["--data.root", str(images), "--data.image_size", "16", "--data.augment", "none",
+              "--trainer.max_epochs", "5", "--trainer.accelerator", "cpu"]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = train(tmp_path / "one", *TINY_RUN, *common, "--data.batch_size", "48")
+    two = train(tmp_path / "two", *TINY_RUN, *common, "--data.batch_size", "24",
+                "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert read_last(tmp_path / "two")["global_step"] == read_last(tmp_path / "one")["global_step"] == 5
+
+    weights_one, val_one = final_state(tmp_path / "one")
+    weights_two, val_two = final_state(tmp_path / "two")
+    seed_everything(42)  # as train.py does, so this is the runs' initialisation
+    initial = ViTClassifier(num_classes=3, image_size=16, patch_size=4, dim=16, depth=1, num_heads=2,
+                            class_names=["class_0", "class_1", "class_2"])
+    moved = max((weights_one[k] - initial.state_dict()[k]).abs().max().item() for k in weights_one)
+    differ = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
+    # Five warm-up steps move the weights by ~3e-3; the two runs differ by float rounding (~5e-7).
+    assert moved > 1e-3 and differ < moved / 1000, (moved, differ)
+    assert val_two == pytest.approx(val_one, rel=1e-5)
+
+    # Rank 0 alone prints, logs and writes checkpoints.
+    output = two.stdout + two.stderr
+    assert output.count("test/acc =") == 1
+    assert [p.name for p in (tmp_path / "two/data/lightning/lightning_logs").iterdir()] == ["version_0"]
+    assert sorted(p.name for p in (tmp_path / "two" / MODELS).iterdir()) == sorted(
+        p.name for p in (tmp_path / "one" / MODELS).iterdir())
