@@ -6,6 +6,7 @@ resumes from it (pass --fresh to start over); after fitting, the best checkpoint
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -26,8 +27,20 @@ def main(args: list[str] | None = None) -> None:
             f"global step {state['global_step']}); pass --fresh to start a new run."
         )
         cli.resume_checkpoint = None  # fit() reads the file itself; do not hold a second copy
-    # Checkpoints are read weights-only everywhere: a file that holds code is refused, not run.
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path, weights_only=True)
+    logger = cli.trainer.logger
+    new_log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
+    if new_log_dir is not None and new_log_dir.exists():
+        new_log_dir = None  # a resumed run writes into its old folder
+    try:
+        # Checkpoints are read weights-only everywhere: a file that holds code is refused, not run.
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path, weights_only=True)
+    except UserError:
+        # Bad data or settings found before the run's first checkpoint: nothing of it can be resumed,
+        # so leave no half-begun run behind in TensorBoard either.
+        last = Path(cli.best_checkpoint.dirpath) / "last.ckpt"
+        if new_log_dir is not None and not last.exists() and cli.trainer.is_global_zero:
+            shutil.rmtree(new_log_dir, ignore_errors=True)
+        raise
     best = cli.best_checkpoint.best_model_path
     if not cli.datamodule.testable:
         last = Path(cli.best_checkpoint.dirpath) / "last.ckpt"

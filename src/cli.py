@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ActionYesNo
+from jsonargparse import ActionYesNo, ArgumentError
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from src.callbacks import KeepLoggerVersion, StepCheckpoint, StopOnSignal, TensorBoardPictures
 from src.checkpoints import SafeCheckpointIO, load_for_resume, remove_partial_files
@@ -51,6 +53,7 @@ class ViTCLI(LightningCLI):
             auto_configure_optimizers=False,  # ViTClassifier owns its optimiser groups and schedule
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},  # errors become one ConfigError line, not usage + exit
             trainer_defaults={
                 "accelerator": "auto",
                 "max_epochs": 100,
@@ -72,7 +75,14 @@ class ViTCLI(LightningCLI):
         args = sys.argv[1:] if args is None else list(args)
         if not any(a == "--config" or a.startswith("--config=") for a in args):
             args = ["--config", str(DEFAULT_CONFIG), *args]
-        self.config = parser.parse_args(args)
+        try:
+            self.config = parser.parse_args(args)
+        except ArgumentError as error:
+            message = " ".join(str(error).split())
+            if message.startswith("Problems parsing config"):  # a YAML syntax error: say which file
+                configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+                message = f"{', '.join(configs)}: {message}"
+            raise ConfigError(f"{message} (see python train.py --help)") from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -132,6 +142,12 @@ class ViTCLI(LightningCLI):
             config.trainer.precision = default_precision(config.trainer.accelerator)
         models_dir = Path(config.checkpoint.dirpath)
         last = models_dir / "last.ckpt"
+        # Found now rather than after an epoch's work, when the first checkpoint is written.
+        check_writable(models_dir, "--checkpoint.dirpath")
+        check_writable(Path(config.trainer.default_root_dir or "."), "--trainer.default_root_dir")
+        save_dir = getattr(getattr(config.trainer.logger, "init_args", None), "save_dir", None)
+        if save_dir:
+            check_writable(Path(save_dir), "--trainer.logger.init_args.save_dir")
         # Under DDP every rank runs this; only rank 0 touches the files.
         if config.fresh:
             if rank_zero_only.rank == 0 and models_dir.is_dir() and any(models_dir.iterdir()):
@@ -152,7 +168,11 @@ class ViTCLI(LightningCLI):
         """The configured Trainer, writing checkpoints with SafeCheckpointIO unless plugins are given."""
         if not self.config_init.trainer.get("plugins"):
             kwargs.setdefault("plugins", [SafeCheckpointIO()])
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:  # Lightning's own check of a trainer setting
+            option = "--trainer.max_time: " if "Timer(duration" in str(error) else "trainer: "
+            raise ConfigError(f"{option}{error}") from None
 
     def instantiate_classes(self) -> None:
         try:
@@ -181,6 +201,17 @@ class ViTCLI(LightningCLI):
                 f"model.init_from: {self.model.hparams.init_from} does not exist; train the backbone first "
                 "(e.g. python train.py --config configs/flowers17-pretrain.yaml) or pass --model.init_from PATH"
             )
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Raise a ConfigError unless `folder` exists and is writable or could be created; create nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is a file, not a folder" if existing.exists() and not existing.is_dir() else "is not writable"
+        raise ConfigError(f"cannot write to {folder}: {existing} {problem}; fix that or pass {option} with "
+                          "a writable folder")
 
 
 # Hyperparameters that decide the network's shape or the meaning of its outputs.

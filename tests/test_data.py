@@ -204,8 +204,15 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path):
     root = write_image_folder(tmp_path / "bad", classes=2, per_class=5)
     (root / "class_1" / "001.png").write_bytes(b"\x89PNG not really")
     dm = ImageFolderDataModule(root=str(root), num_workers=0, val_fraction=0.5, test_fraction=0.2)
+    with pytest.raises(DataError, match="001.png: not an image"):  # found by the header scan in setup
+        dm.setup()
+    # A file that starts like a PNG and then stops is found when it is decoded, and named.
+    (root / "class_1" / "001.png").unlink()
+    good = (root / "class_1" / "002.png").read_bytes()
+    (root / "class_1" / "002.png").write_bytes(good[: len(good) // 2])
+    dm = ImageFolderDataModule(root=str(root), num_workers=0, val_fraction=0.5, test_fraction=0.2)
     dm.setup()
-    with pytest.raises(DataError, match="001.png"):
+    with pytest.raises(DataError, match="002.png"):
         for subset in (dm.train_set, dm.val_set, dm.test_set):
             for i in range(len(subset)):
                 subset[i]

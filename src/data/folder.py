@@ -36,6 +36,15 @@ def load_rgb(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {error}") from error
 
 
+def has_image_header(path: str) -> bool:
+    """Whether PIL recognises the file as an image (reads the header only)."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
 class ImageFolderDataModule(ImageDataModule):
     """Images in class folders, resized to `image_size`, split into train/val/test.
 
@@ -97,9 +106,15 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _scan(self, split: str) -> ImageFolder:
         try:
-            return ImageFolder(str(self.split_dirs[split]), loader=load_rgb, is_valid_file=is_image_file)
+            dataset = ImageFolder(str(self.split_dirs[split]), loader=load_rgb, is_valid_file=is_image_file)
         except FileNotFoundError as error:  # a class folder without a single image file
             raise DataError(f"{self.split_dirs[split]}: {error}") from error
+        # Reading each header (not the pixels) finds files that are not images before training starts.
+        bad = [path for path, _ in dataset.samples if not has_image_header(path)]
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise DataError(f"cannot read image {bad[0]}{more}: not an image PIL can open; remove or replace it")
+        return dataset
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
