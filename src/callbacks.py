@@ -27,16 +27,22 @@ class KeepLoggerVersion(Callback):
             checkpoint["logger_version"] = trainer.logger.version
 
 
-class StepCheckpoint(ModelCheckpoint):
-    """A ModelCheckpoint for `every_n_train_steps` / `train_time_interval` that skips an epoch's last batch.
+def at_epochs_last_batch(trainer: Trainer) -> bool:
+    """Whether the batch just trained is its epoch's last: no place for a checkpoint to resume from.
 
-    Lightning 2.6 mis-counts epochs when it resumes from a checkpoint written after the last batch
-    of an epoch but before that epoch's validation: a later resume then replays a whole epoch. The
-    checkpoint written after validation covers that moment instead.
+    Lightning 2.6 mis-counts epochs when it resumes from a state saved after an epoch's last batch
+    but before (or during) its validation: a later resume replays a whole epoch, or stops for want
+    of validation metrics. The checkpoint written after validation covers that moment instead.
     """
+    return trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint for `every_n_train_steps` / `train_time_interval` that skips an epoch's last
+    batch (see `at_epochs_last_batch`)."""
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
-        if trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches:
+        if at_epochs_last_batch(trainer):
             return
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
@@ -48,11 +54,9 @@ class Interrupted(SystemExit):
 class StopOnSignal(Callback):
     """Ctrl-C (SIGINT) or SIGTERM (cluster preemption, `kill`): finish the batch, save last.ckpt, exit.
 
-    The stop waits for the end of a batch that is not an epoch's last. There Lightning 2.6 resumes
-    exactly, as it does from a step checkpoint; a state saved in the middle of validation or between
-    an epoch's last batch and its validation is resumed wrongly (validation metrics missing, epochs
-    counted twice). Under DDP the ranks agree on the stop at every step, so they stop together.
-    A second Ctrl-C stops at once, without saving.
+    The stop waits for the end of a batch that is not an epoch's last (see `at_epochs_last_batch`):
+    from there Lightning 2.6 resumes exactly, as it does from a step checkpoint. Under DDP the ranks
+    agree on the stop at every step, so they stop together. A second Ctrl-C stops at once, unsaved.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -86,8 +90,8 @@ class StopOnSignal(Callback):
         stop = self.requested is not None
         if trainer.world_size > 1:  # every rank must take the same decision at the same step
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        last_batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
-        if not stop or (last_batch and trainer.num_training_batches > 1):
+        # An epoch of a single batch has no other place to stop; its resume may repeat that epoch.
+        if not stop or (at_epochs_last_batch(trainer) and trainer.num_training_batches > 1):
             return
         last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
         trainer.save_checkpoint(last, weights_only=False)  # the full state, to resume from

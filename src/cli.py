@@ -77,7 +77,7 @@ class ViTCLI(LightningCLI):
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as error:
-            message = " ".join(str(error).split())
+            message = str(error)  # train.py prints it on one line
             if message.startswith("Problems parsing config"):  # a YAML syntax error: say which file
                 configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
                 message = f"{', '.join(configs)}: {message}"
