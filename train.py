@@ -37,14 +37,14 @@ def main(args: list[str] | None = None) -> None:
     except UserError:
         # Bad data or settings found before the run's first checkpoint: nothing of it can be resumed,
         # so leave no half-begun run behind in TensorBoard either.
-        last = Path(cli.best_checkpoint.dirpath) / "last.ckpt"
-        if new_log_dir is not None and not last.exists() and cli.trainer.is_global_zero:
+        if new_log_dir is not None and not cli.last_path.exists() and cli.trainer.is_global_zero:
             shutil.rmtree(new_log_dir, ignore_errors=True)
         raise
     best = cli.best_checkpoint.best_model_path
     if not cli.datamodule.testable:
-        last = Path(cli.best_checkpoint.dirpath) / "last.ckpt"
-        rank_zero_info(f"Pre-training finished (no class-labelled test). Fine-tune from it with --model.init_from {last}")
+        rank_zero_info(
+            f"Pre-training finished (no class-labelled test). Fine-tune from it with --model.init_from {cli.last_path}"
+        )
         return
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
     if results:
@@ -69,8 +69,8 @@ def run(args: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # during start-up; inside fit Lightning exits by itself
-        print("Interrupted before training started; nothing was saved.", file=sys.stderr)
+    except KeyboardInterrupt:  # outside training (start-up, testing); training itself stops in StopOnSignal
+        print("Interrupted outside training; the checkpoints already written are kept.", file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
 

@@ -44,6 +44,7 @@ class ViTCLI(LightningCLI):
     def __init__(self, **kwargs: Any) -> None:
         self.resume_checkpoint: dict | None = None
         self.resume_path: Path | None = None
+        self.last_path: Path | None = None  # <checkpoint.dirpath>/last.ckpt, set once the config is parsed
         super().__init__(
             ViTClassifier,
             ImageDataModule,
@@ -140,7 +141,7 @@ class ViTCLI(LightningCLI):
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)
         models_dir = Path(config.checkpoint.dirpath)
-        last = models_dir / "last.ckpt"
+        last = self.last_path = models_dir / "last.ckpt"
         # Found now rather than after an epoch's work, when the first checkpoint is written.
         check_writable(models_dir, "--checkpoint.dirpath")
         check_writable(Path(config.trainer.default_root_dir or "."), "--trainer.default_root_dir")
