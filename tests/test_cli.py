@@ -168,11 +168,17 @@ def test_print_config_shows_the_default_recipe(tmp_path: Path):
 
 def test_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert default_precision("auto") == "32-true"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # a CPU with bf16 matrix units
+    assert default_precision("auto") == "bf16-mixed"
+    assert default_precision("cpu") == "bf16-mixed"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert default_precision("auto") == "32-true"  # Apple silicon: auto picks MPS, which stays float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert default_precision("auto") == "bf16-mixed"
-    assert default_precision("cpu") == "32-true"
     assert default_precision("mps") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert default_precision("gpu") == "16-mixed"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import lightning as L
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from src.data.device import BatchAugment, DeviceImages
 from src.data.transforms import Augment, eval_transform, train_transform
 from src.errors import ConfigError
 
@@ -86,6 +88,11 @@ class TransformedSubset(Dataset):
         return torch.stack([self.transform(image) for _ in range(self.views)]), target  # (V, N, P*P*C)
 
 
+# Where training images are augmented: one by one (PIL) in loader processes, or a batch at a time
+# on the training device from a uint8 copy of the split (src/data/device.py).
+AugmentOn = Literal["loader", "device"]
+
+
 class ImageDataModule(L.LightningDataModule):
     """Base of the project's DataModules.
 
@@ -109,8 +116,11 @@ class ImageDataModule(L.LightningDataModule):
         augment: Augment = "randaugment",
         views: int = 1,
         seed: int = 0,
+        augment_on: AugmentOn = "loader",
     ) -> None:
         super().__init__()
+        if augment_on not in ("loader", "device"):
+            raise ConfigError(f"augment_on must be 'loader' or 'device', got {augment_on!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
         if patch_size < 1:
@@ -125,6 +135,8 @@ class ImageDataModule(L.LightningDataModule):
         self.augment = augment
         self.views = views
         self.seed = seed
+        self.augment_on = augment_on
+        self.batch_augment: BatchAugment | None = None  # set with device-side training images
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -160,16 +172,35 @@ class ImageDataModule(L.LightningDataModule):
         """Deterministic preprocessing for validation, test and classify.py."""
         return eval_transform(self.image_size, self.patch_size, self.mean, self.std)
 
+    def device_train_set(self, images: Tensor, targets: Sequence[int]) -> DeviceImages:
+        """The training split as uint8 images (N, H, W, 3) augmented on the device (augment_on: device)."""
+        if tuple(images.shape[1:3]) != (self.image_size, self.image_size):
+            raise ConfigError(f"device augmentation needs {self.image_size}px images, got {tuple(images.shape)}")
+        self.batch_augment = BatchAugment(self.patch_size, self.mean, self.std, self.augment,
+                                          padding=self.image_size // 8)  # as train_transform's crop
+        return DeviceImages(images, targets)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Device-side training batches arrive as (indices, targets); everything else is ready.
+        if self.batch_augment is None or not (self.trainer and self.trainer.training):
+            return batch
+        indices, targets = batch
+        images = self.train_set.take(indices)  # (B, C, H, W) uint8, on the training device
+        views = [self.batch_augment(images) for _ in range(self.views)]
+        return (views[0] if self.views == 1 else torch.stack(views, dim=1)), targets  # (B, [V,] N, P*P*C)
+
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split yet")
+        # Device-side images need no loader processes: a batch is a list of indices.
+        workers = 0 if isinstance(dataset, DeviceImages) else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 
-from src.data.base import ImageDataModule, TransformedSubset, stratified_split
+from src.data.base import AugmentOn, ImageDataModule, TransformedSubset, stratified_split
 from src.data.transforms import CIFAR10_MEAN, CIFAR10_STD, Augment
 from src.errors import DataError
 
@@ -26,8 +27,9 @@ class CIFAR10DataModule(ImageDataModule):
         augment: Augment = "randaugment",
         views: int = 1,
         seed: int = 0,
+        augment_on: AugmentOn = "loader",
     ) -> None:
-        super().__init__(patch_size, batch_size, num_workers, augment, views, seed)
+        super().__init__(patch_size, batch_size, num_workers, augment, views, seed, augment_on)
         # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
@@ -63,7 +65,11 @@ class CIFAR10DataModule(ImageDataModule):
         if stage in ("fit", "validate", None) and self.train_set is None:
             full = self._open(train=True)
             train_idx, val_idx = stratified_split(full.targets, [self.val_size], self.seed)
-            self.train_set = TransformedSubset(full, train_idx, self.train_transform, self.views)
+            if self.augment_on == "device":  # the archive is already uint8 (N, 32, 32, 3)
+                targets = [full.targets[i] for i in train_idx]
+                self.train_set = self.device_train_set(torch.from_numpy(full.data[train_idx]), targets)
+            else:
+                self.train_set = TransformedSubset(full, train_idx, self.train_transform, self.views)
             self.val_set = TransformedSubset(full, val_idx, self.eval_transform)
         if stage in ("test", "predict", None) and self.test_set is None:
             test = self._open(train=False)

@@ -6,11 +6,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+from tqdm import tqdm
 
-from src.data.base import ImageDataModule, TransformedSubset, stratified_split
+from src.data.base import AugmentOn, ImageDataModule, TransformedSubset, stratified_split
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment
 from src.errors import ConfigError, DataError
 
@@ -67,8 +71,9 @@ class ImageFolderDataModule(ImageDataModule):
         augment: Augment = "randaugment",
         views: int = 1,
         seed: int = 0,
+        augment_on: AugmentOn = "loader",
     ) -> None:
-        super().__init__(patch_size, batch_size, num_workers, augment, views, seed)
+        super().__init__(patch_size, batch_size, num_workers, augment, views, seed, augment_on)
         # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
@@ -116,6 +121,16 @@ class ImageFolderDataModule(ImageDataModule):
             raise DataError(f"cannot read image {bad[0]}{more}: not an image PIL can open; remove or replace it")
         return dataset
 
+    def _decode(self, dataset: ImageFolder, indices: Sequence[int]) -> torch.Tensor:
+        """The images at `indices`, resized and centre-cropped to `image_size`, as uint8 (N, H, W, 3)."""
+        size = self.image_size
+        resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
+        images = torch.empty(len(indices), size, size, 3, dtype=torch.uint8)
+        for n, i in enumerate(tqdm(indices, desc="Decoding training images", leave=False,
+                                   disable=not rank_zero_only.rank == 0)):
+            images[n] = resize(dataset.loader(dataset.samples[i][0])).permute(1, 2, 0)  # (H, W, 3)
+        return images
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -131,6 +146,9 @@ class ImageFolderDataModule(ImageDataModule):
             if split not in sets:
                 dataset = self._scan(split)
                 sets[split] = (dataset, range(len(dataset)))
-        self.train_set = TransformedSubset(train, rest, self.train_transform, self.views)
+        if self.augment_on == "device":
+            self.train_set = self.device_train_set(self._decode(train, rest), [train.targets[i] for i in rest])
+        else:
+            self.train_set = TransformedSubset(train, rest, self.train_transform, self.views)
         self.val_set = TransformedSubset(*sets["val"], self.eval_transform)
         self.test_set = TransformedSubset(*sets["test"], self.eval_transform)

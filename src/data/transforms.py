@@ -27,13 +27,7 @@ class PatchifyTransform:
         self.patch_size = patch_size
 
     def __call__(self, image: Tensor) -> Tensor:
-        C, H, W = image.shape
-        P = self.patch_size
-        if H % P or W % P:
-            raise ConfigError(f"patch_size={P} does not divide the image size {H}x{W}")
-        x = image.reshape(C, H // P, P, W // P, P)  # (C, h, P, w, P)
-        x = x.permute(1, 3, 2, 4, 0)  # (h, w, P, P, C)
-        return x.reshape((H // P) * (W // P), P * P * C)  # (N, P*P*C)
+        return patchify(image, self.patch_size)
 
     def inverse(self, patches: Tensor, image_size: int | tuple[int, int]) -> Tensor:
         """Reassemble (N, P*P*C) patches into the (C, H, W) image they were cut from."""
@@ -46,6 +40,18 @@ class PatchifyTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(patch_size={self.patch_size})"
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """Images (*, C, H, W) -> flattened patches (*, N, P*P*C), row by row; one image or a batch."""
+    *lead, C, H, W = images.shape
+    P = patch_size
+    if H % P or W % P:
+        raise ConfigError(f"patch_size={P} does not divide the image size {H}x{W}")
+    x = images.reshape(*lead, C, H // P, P, W // P, P)  # (*, C, h, P, w, P)
+    n = len(lead)
+    x = x.permute(*range(n), n + 1, n + 3, n + 2, n + 4, n)  # (*, h, w, P, P, C)
+    return x.reshape(*lead, (H // P) * (W // P), P * P * C)  # (*, N, P*P*C)
 
 
 def _to_patches(patch_size: int, mean: Sequence[float], std: Sequence[float]) -> list:
@@ -90,7 +96,7 @@ def train_transform(
             v2.CenterCrop(image_size),
             v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"),
             v2.RandomHorizontalFlip(),
-            *_policy(augment),
+            *policy(augment),
         ]
         + _to_patches(patch_size, mean, std)
     )
@@ -114,13 +120,13 @@ def photo_train_transform(
         [
             v2.RandomResizedCrop(image_size, scale=(low, high), antialias=True),
             v2.RandomHorizontalFlip(),
-            *_policy(augment),
+            *policy(augment),
         ]
         + _to_patches(patch_size, mean, std)
     )
 
 
-def _policy(augment: Augment) -> list:
+def policy(augment: Augment) -> list:
     """The colour/geometry policy after crop and flip: RandAugment, AutoAugment, SimCLR colour, none."""
     policies = {
         "randaugment": [v2.RandAugment(num_ops=2, magnitude=9)],

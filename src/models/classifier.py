@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from src.checkpoints import read_checkpoint
@@ -54,6 +57,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why `torch.compile` cannot run on `device` here, or None when it can."""
+    if device.type == "cpu":
+        # Inductor writes C++ for the CPU and builds it with the compiler it finds.
+        compilers = (os.environ.get("CXX"), "g++", "c++", "clang++")
+        if not any(name and shutil.which(name) for name in compilers):
+            return "no C++ compiler (g++ or clang++) on PATH, which torch.compile needs on the CPU"
+    elif device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed, which torch.compile needs on CUDA"
+    else:
+        return f"torch.compile is not supported on {device.type}"
+    return None
+
+
 class ViTClassifier(L.LightningModule):
     """Image classification with a ViT.
 
@@ -64,7 +82,8 @@ class ViTClassifier(L.LightningModule):
     With `contrastive_weight` > 0 the training batches hold two augmented views of each image and the
     loss is `CE + contrastive_weight * InfoNCE` between projections of the two views' class tokens.
     `init_from` starts a new run from another checkpoint's backbone (e.g. instance-discrimination
-    pre-training) with a fresh head.
+    pre-training) with a fresh head. `compile` runs the ViT through `torch.compile` (in place, so
+    checkpoints are unchanged); where that cannot work, training goes on uncompiled with a warning.
     """
 
     def __init__(
@@ -88,6 +107,7 @@ class ViTClassifier(L.LightningModule):
         temperature: float = 0.1,
         projection_dim: int = 128,
         init_from: str | None = None,
+        compile: bool = False,
         class_names: list[str] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -188,6 +208,17 @@ class ViTClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def configure_model(self) -> None:
+        # Called by every trainer.fit/validate/test; the flag keeps it to one compile.
+        if not self.hparams.compile or getattr(self, "_compiled", False):
+            return
+        self._compiled = True
+        reason = compile_unavailable(self.trainer.strategy.root_device)
+        if reason:
+            rank_zero_warn(f"--model.compile: {reason}; training uncompiled")
+            return
+        self.model.compile()
 
     def on_fit_start(self) -> None:
         # Only a new run starts from init_from; a resumed one has just restored its own weights.

@@ -52,9 +52,13 @@ class Attention(nn.Module):
         q, k, _ = self._qkv(x)
         return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
 
-    def forward(self, x: Tensor, fused: bool = True) -> Tensor:
+    def forward(self, x: Tensor, fused: bool | None = None) -> Tensor:
         B, N, C = x.shape
         q, k, v = self._qkv(x)
+        if fused is None:
+            # PyTorch's fused CPU kernel is 5-8x slower in bfloat16 than two batched matmuls and a
+            # softmax, which run on the CPU's bf16 matrix units (bench/RESULTS.md, "attention kernel").
+            fused = not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
         if fused:
             out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
         else:

@@ -1,0 +1,104 @@
+"""Training images kept as one uint8 tensor and augmented a whole batch at a time where they lie.
+
+`augment_on: device` in a DataModule puts the training split here: the loader yields only indices,
+the images move once to the training device (a GPU, or the CPU's own process) and every batch is
+cropped, flipped, put through the augmentation policy, normalised and patchified there. It
+replaces per-image PIL work in loader processes, which on 2 CPU cores competes with training for
+the same cores and on a GPU cannot keep up (bench/RESULTS.md, "data pipeline").
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from src.data.transforms import Augment, patchify, policy
+from src.errors import ConfigError
+
+
+class DeviceImages(Dataset):
+    """uint8 images (N, H, W, C) and their targets; the loader draws `(index, target)` pairs."""
+
+    def __init__(self, images: Tensor, targets: Sequence[int]) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        self._on_device = images
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor]:
+        return i, self.targets[i]
+
+    def take(self, indices: Tensor) -> Tensor:
+        """The images at `indices` as (B, C, H, W) uint8, on the indices' device (copied there once)."""
+        if self._on_device.device != indices.device:
+            self._on_device = self.images.to(indices.device)
+        return self._on_device[indices].permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+def reflect(index: Tensor, size: int) -> Tensor:
+    """Map positions in [-size+1, 2*size-2] into [0, size) as reflect padding does (edge not repeated)."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+class BatchAugment(nn.Module):
+    """Per-image random crop (reflect padding) and flip, a torchvision v2 policy, normalise, patchify.
+
+    Input (B, C, H, W) uint8 on any device; output (B, N, P*P*C) float32 on the same device. Crop and
+    flip are drawn per image and done in one gather. The policy (RandAugment, AutoAugment, ...) is
+    torchvision's own; torchvision draws one set of operations per call, so it is called on groups
+    of `group_size` images: every image still gets the policy's distribution of operations, and
+    neighbours in a group share them (a group of 1 is exactly the per-image policy, at more calls).
+    """
+
+    def __init__(
+        self,
+        patch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: Augment = "randaugment",
+        padding: int = 4,
+        group_size: int = 8,
+    ) -> None:
+        super().__init__()
+        if padding < 0 or group_size < 1:
+            raise ConfigError(f"need padding >= 0 and group_size >= 1, got {padding} and {group_size}")
+        self.patch_size = patch_size
+        self.padding = padding
+        self.group_size = group_size
+        self.policy = v2.Compose(policy(augment))
+        self.augment = augment
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def crop_and_flip(self, images: Tensor) -> Tensor:
+        """Each image shifted by up to `padding` px (reflected edges) and mirrored with p = 0.5."""
+        B, C, H, W = images.shape
+        if self.padding >= min(H, W):
+            raise ConfigError(f"crop padding {self.padding} must be smaller than the image ({H}x{W})")
+        device, span = images.device, 2 * self.padding + 1
+        rows = torch.randint(span, (B, 1), device=device) + torch.arange(H, device=device) - self.padding
+        cols = torch.randint(span, (B, 1), device=device) + torch.arange(W, device=device) - self.padding
+        rows, cols = reflect(rows, H), reflect(cols, W)  # (B, H), (B, W)
+        flip = torch.rand(B, 1, device=device) < 0.5
+        cols = torch.where(flip, cols.flip(1), cols)
+        batch = torch.arange(B, device=device).view(B, 1, 1)
+        out = images[batch, :, rows.view(B, H, 1), cols.view(B, 1, W)]  # (B, H, W, C)
+        return out.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"BatchAugment takes uint8 images, got {images.dtype}")
+        x = self.crop_and_flip(images).contiguous()
+        if self.policy.transforms:
+            x = torch.cat([self.policy(group) for group in x.split(self.group_size)])
+        mean, std = x.new_tensor(self.mean, dtype=torch.float32), x.new_tensor(self.std, dtype=torch.float32)
+        x = (x.float() / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1)  # (B, C, H, W)
+        return patchify(x, self.patch_size)  # (B, N, P*P*C)
