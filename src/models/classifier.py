@@ -72,6 +72,13 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def compile_features(model: ViT) -> None:
+    """Compile `forward_features` (what every step and `forward` run) in place; the weights are untouched."""
+    # An instance attribute, not nn.Module.compile(): that would compile only __call__, which
+    # training_step does not use (it needs the features for the contrastive term).
+    model.forward_features = torch.compile(model.forward_features)
+
+
 class ViTClassifier(L.LightningModule):
     """Image classification with a ViT.
 
@@ -218,7 +225,7 @@ class ViTClassifier(L.LightningModule):
         if reason:
             rank_zero_warn(f"--model.compile: {reason}; training uncompiled")
             return
-        self.model.compile()
+        compile_features(self.model)
 
     def on_fit_start(self) -> None:
         # Only a new run starts from init_from; a resumed one has just restored its own weights.
