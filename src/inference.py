@@ -65,6 +65,8 @@ class Classifier:
                             f"cannot rebuild ({', '.join(DATAMODULES)} only); classify an image file instead")
         kwargs = {k: v for k, v in self.data_hparams.items() if not k.startswith("_")}
         kwargs["num_workers"] = 0
+        if "augment_on" in kwargs:
+            kwargs["augment_on"] = "loader"  # nothing to augment here; skips decoding the training split
         if "download" in kwargs:
             kwargs["download"] = False
         data = DATAMODULES[name](**kwargs)

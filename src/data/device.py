@@ -74,7 +74,8 @@ class BatchAugment(nn.Module):
         self.patch_size = patch_size
         self.padding = padding
         self.group_size = group_size
-        self.policy = v2.Compose(policy(augment))
+        ops = policy(augment)
+        self.policy = v2.Compose(ops) if ops else None
         self.augment = augment
         self.mean, self.std = tuple(mean), tuple(std)
 
@@ -97,7 +98,7 @@ class BatchAugment(nn.Module):
         if images.dtype != torch.uint8:
             raise ValueError(f"BatchAugment takes uint8 images, got {images.dtype}")
         x = self.crop_and_flip(images).contiguous()
-        if self.policy.transforms:
+        if self.policy is not None:
             x = torch.cat([self.policy(group) for group in x.split(self.group_size)])
         mean, std = x.new_tensor(self.mean, dtype=torch.float32), x.new_tensor(self.std, dtype=torch.float32)
         x = (x.float() / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1)  # (B, C, H, W)
