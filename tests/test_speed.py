@@ -1,0 +1,169 @@
+"""The fast paths give the float32 reference's results: bf16 attention, torch.compile, device augmentation."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.data.device import BatchAugment, DeviceImages, reflect
+from src.data.transforms import PatchifyTransform, patchify
+from src.models import classifier
+from src.models.classifier import ViTClassifier, compile_features, compile_unavailable, param_groups
+from src.models.vit import Attention, ViT
+
+SMALL = dict(num_classes=10, image_size=32, patch_size=4, dim=48, depth=2, num_heads=4, mlp_ratio=4.0)
+
+
+def train_losses(model: ViT, steps: int, precision: str, seed: int = 0) -> list[float]:
+    """Losses of `steps` AdamW steps on one fixed random batch, as the benchmark's step does them."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 64, 48, generator=generator)  # (B, N, P*P*C)
+    y = torch.randint(0, 10, (64,), generator=generator)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_bf16_cpu_attention_takes_the_matmul_path_and_agrees_with_float32():
+    torch.manual_seed(0)
+    attn = Attention(dim=64, num_heads=4)
+    x = torch.randn(8, 65, 64)
+    reference = attn(x)  # float32: the fused SDPA kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attn(x)  # bf16 on the CPU: two matmuls and a softmax
+        fused = attn(x, fused=True)
+    assert fast.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: agreement to ~1% of the output's scale is what it can give.
+    scale = reference.abs().max()
+    assert (fast.float() - reference).abs().max() < 0.02 * scale
+    assert (fast.float() - fused.float()).abs().max() < 0.02 * scale
+
+
+def test_bf16_mixed_training_follows_the_float32_loss_curve():
+    torch.manual_seed(0)
+    model = ViT(**SMALL)
+    fp32 = train_losses(copy.deepcopy(model), 8, "32-true")
+    bf16 = train_losses(copy.deepcopy(model), 8, "bf16-mixed")
+    assert fp32[-1] < fp32[0] - 0.3  # the batch is being learned, so the curves have a shape to match
+    for a, b in zip(fp32, bf16):
+        assert abs(a - b) < 0.02 * a, (fp32, bf16)
+
+
+@pytest.mark.skipif(compile_unavailable(torch.device("cpu")) is not None,
+                    reason=f"torch.compile cannot run here: {compile_unavailable(torch.device('cpu'))}")
+def test_compile_gives_the_eager_results():
+    torch.manual_seed(0)
+    model = ViT(**{**SMALL, "depth": 1})
+    eager = copy.deepcopy(model)
+    compiled = copy.deepcopy(model)
+    compile_features(compiled)
+    assert train_losses(eager, 3, "32-true") == pytest.approx(train_losses(compiled, 3, "32-true"), rel=1e-5)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert eager.state_dict().keys() == compiled.state_dict().keys()  # checkpoints are unchanged
+
+
+def test_compile_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
+    monkeypatch.setattr(classifier.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert "C++ compiler" in compile_unavailable(torch.device("cpu"))
+    assert "not supported on mps" in compile_unavailable(torch.device("mps"))
+
+    module = ViTClassifier(**{k: v for k, v in SMALL.items()}, compile=True)
+    module.trainer = type("T", (), {"strategy": type("S", (), {"root_device": torch.device("cpu")})()})()
+    forward = module.model.forward_features
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.configure_model()
+    assert any("training uncompiled" in str(w.message) for w in caught)
+    assert module.model.forward_features == forward  # left as it was
+
+
+def test_batched_patchify_matches_the_per_image_transform():
+    images = torch.randn(5, 3, 32, 32)
+    one_by_one = torch.stack([PatchifyTransform(4)(image) for image in images])
+    assert torch.equal(patchify(images, 4), one_by_one)
+    assert torch.equal(PatchifyTransform(4).inverse(patchify(images, 4)[2], 32), images[2])
+
+
+def test_reflect_matches_torch_reflect_padding():
+    line = torch.arange(7.0).view(1, 1, 7)
+    padded = F.pad(line, (3, 3), mode="reflect").flatten()
+    assert torch.equal(line.flatten()[reflect(torch.arange(-3, 10), 7)], padded)
+
+
+def test_device_crop_and_flip_are_per_image_reflect_crops_with_uniform_offsets():
+    torch.manual_seed(0)
+    B, H, W, p = 3000, 8, 8, 2
+    images = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8)
+    out = BatchAugment(patch_size=4, mean=(0.5,) * 3, std=(0.5,) * 3, augment="none", padding=p).crop_and_flip(images)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = F.pad(images.float(), (p, p, p, p), mode="reflect")  # (B, C, H+2p, W+2p)
+    # Every candidate window (dy, dx) with and without a mirror; each output must be one of them.
+    candidates = torch.stack([padded[:, :, dy:dy + H, dx:dx + W] for dy in range(2 * p + 1) for dx in range(2 * p + 1)])
+    candidates = torch.cat([candidates, candidates.flip(-1)])  # (2*(2p+1)^2, B, C, H, W)
+    match = (candidates == out.float()).flatten(2).all(-1)  # (candidates, B)
+    assert match.any(0).all(), "an output is not a reflect-padded crop (or its mirror) of its input"
+    chosen = match.float().argmax(0)  # random pixels: the matching window is unique
+    flipped = (chosen >= (2 * p + 1) ** 2).float().mean().item()
+    assert abs(flipped - 0.5) < 0.04
+    counts = torch.bincount(chosen % (2 * p + 1) ** 2, minlength=(2 * p + 1) ** 2).float()
+    assert counts.min() > 0.6 * B / 25 and counts.max() < 1.4 * B / 25, counts  # every offset, ~uniform
+    assert (out != images).flatten(1).any(1).float().mean() > 0.9  # and images do move
+
+
+def test_device_augmentation_output_is_normalised_patches_of_valid_images():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
+    pixels = images.float() / 255
+    mean, std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
+    plain = BatchAugment(4, mean, std, augment="none")(images)
+    assert plain.shape == (512, 64, 48) and plain.dtype == torch.float32
+    channels = plain.reshape(-1, 3)  # patches are (P, P, C) flattened: channel last
+    assert channels.mean(0).abs().max() < 0.01 and (channels.std(0) - 1).abs().max() < 0.01
+
+    policy = BatchAugment(4, mean, std, augment="randaugment")
+    out = policy(images)
+    assert out.shape == (512, 64, 48) and torch.isfinite(out).all()
+    restored = out.reshape(-1, 3) * torch.tensor(std) + torch.tensor(mean)  # back to [0, 1] pixels
+    assert restored.min() > -1e-5 and restored.max() < 1 + 1e-5
+    # RandAugment (2 of 14 ops, one of them identity) changes nearly every image beyond the crop.
+    cropped = BatchAugment(4, mean, std, augment="none")
+    torch.manual_seed(1)
+    crop_only = cropped(images)
+    torch.manual_seed(1)
+    augmented = policy(images)
+    changed = (augmented != crop_only).flatten(1).any(1).float().mean()
+    assert changed > 0.7, changed
+
+
+def test_device_images_move_once_and_feed_the_training_hook():
+    from src.data import ImageFolderDataModule  # noqa: F401  (a subclass of the hooks' owner)
+    from src.data.base import ImageDataModule
+
+    images = torch.randint(0, 256, (10, 32, 32, 3), dtype=torch.uint8)
+    store = DeviceImages(images, list(range(10)))
+    assert store[3] == (3, 3)
+    assert torch.equal(store.take(torch.tensor([3, 1])), images[[3, 1]].permute(0, 3, 1, 2))
+
+    data = ImageDataModule(patch_size=4, batch_size=2, views=2, augment_on="device")
+    data.set_image(32, (0.5,) * 3, (0.5,) * 3)
+    data.train_set = data.device_train_set(images, list(range(10)))
+    data.trainer = type("T", (), {"training": True})()
+    patches, targets = data.on_after_batch_transfer((torch.tensor([0, 5]), torch.tensor([0, 5])), 0)
+    assert patches.shape == (2, 2, 64, 48) and targets.tolist() == [0, 5]  # (B, V, N, P*P*C)
+    assert not torch.equal(patches[:, 0], patches[:, 1])  # two independent augmentations
+    data.trainer = type("T", (), {"training": False})()
+    batch = (torch.randn(2, 64, 48), torch.tensor([0, 1]))
+    assert data.on_after_batch_transfer(batch, 0) is batch  # evaluation batches pass untouched
