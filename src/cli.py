@@ -40,7 +40,7 @@ def default_precision(accelerator: str | Any) -> str:
     """bf16-mixed on CUDA that supports it and on CPUs with AMX, 16-mixed on older CUDA, else 32-bit.
 
     AMX multiplies bfloat16 matrices 6-15x faster than float32 on the 2-core Xeon measured in
-    bench/RESULTS.md, which makes training 1.4-2.8x faster; without it (AVX-512 BF16 alone, Apple
+    bench/RESULTS.md, which makes training 1.4-2.4x faster than float32; without it (AVX-512 BF16 alone, Apple
     MPS) bf16 was not measured to pay, so those stay in float32.
     """
     wants_cuda = accelerator in ("auto", "cuda", "gpu")

@@ -77,7 +77,8 @@ def test_compile_gives_the_eager_results():
 def test_compile_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(classifier.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
-    assert "C++ compiler" in compile_unavailable(torch.device("cpu"))
+    monkeypatch.delenv("CC", raising=False)
+    assert "C/C++ compiler" in compile_unavailable(torch.device("cpu"))
     assert "not supported on mps" in compile_unavailable(torch.device("mps"))
 
     module = ViTClassifier(**{k: v for k, v in SMALL.items()}, compile=True)
@@ -149,7 +150,6 @@ def test_device_augmentation_output_is_normalised_patches_of_valid_images():
 
 
 def test_device_images_move_once_and_feed_the_training_hook():
-    from src.data import ImageFolderDataModule  # noqa: F401  (a subclass of the hooks' owner)
     from src.data.base import ImageDataModule
 
     images = torch.randint(0, 256, (10, 32, 32, 3), dtype=torch.uint8)

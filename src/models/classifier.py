@@ -59,16 +59,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def compile_unavailable(device: torch.device) -> str | None:
     """Why `torch.compile` cannot run on `device` here, or None when it can."""
-    if device.type == "cpu":
-        # Inductor writes C++ for the CPU and builds it with the compiler it finds.
-        compilers = (os.environ.get("CXX"), "g++", "c++", "clang++")
-        if not any(name and shutil.which(name) for name in compilers):
-            return "no C++ compiler (g++ or clang++) on PATH, which torch.compile needs on the CPU"
-    elif device.type == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            return "Triton is not installed, which torch.compile needs on CUDA"
-    else:
+    if device.type not in ("cpu", "cuda"):
         return f"torch.compile is not supported on {device.type}"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "Triton is not installed, which torch.compile needs on CUDA"
+    # Inductor builds the C++ it writes for the CPU, and Triton its CUDA launchers, with the host compiler.
+    compilers = (os.environ.get("CXX"), os.environ.get("CC"), "g++", "c++", "clang++", "gcc", "cc")
+    if not any(name and shutil.which(name) for name in compilers):
+        return "no C/C++ compiler (gcc or clang) on PATH, which torch.compile needs"
     return None
 
 
