@@ -76,8 +76,7 @@ class BatchAugment(nn.Module):
         self.group_size = group_size
         ops = policy(augment)
         self.policy = v2.Compose(ops) if ops else None
-        self.augment = augment
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = list(mean), list(std)
 
     def crop_and_flip(self, images: Tensor) -> Tensor:
         """Each image shifted by up to `padding` px (reflected edges) and mirrored with p = 0.5."""
@@ -100,6 +99,7 @@ class BatchAugment(nn.Module):
         x = self.crop_and_flip(images).contiguous()
         if self.policy is not None:
             x = torch.cat([self.policy(group) for group in x.split(self.group_size)])
-        mean, std = x.new_tensor(self.mean, dtype=torch.float32), x.new_tensor(self.std, dtype=torch.float32)
-        x = (x.float() / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1)  # (B, C, H, W)
+        # The same torchvision ops as the per-image path's tail (transforms._to_patches), on a batch.
+        x = v2.functional.to_dtype(x, torch.float32, scale=True)
+        x = v2.functional.normalize(x, self.mean, self.std)  # (B, C, H, W)
         return patchify(x, self.patch_size)  # (B, N, P*P*C)
