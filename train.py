@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 
 from src.cli import ViTCLI
@@ -46,6 +47,9 @@ def main(args: list[str] | None = None) -> None:
             f"Pre-training finished (no class-labelled test). Fine-tune from it with --model.init_from {cli.last_path}"
         )
         return
+    # Weight averaging (--ema) has put the average into every checkpoint; left attached, the callback
+    # would load the raw weights it also stores there, and the test would not measure what was chosen.
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, WeightAveraging)]
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
     if results:
         rank_zero_info(f"test/acc = {results[0]['test/acc']:.4f} (checkpoint: {best or 'last weights'})")

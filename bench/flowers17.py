@@ -15,24 +15,10 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def train(config: str, args: list[str], workdir: Path) -> tuple[float, str]:
-    """Run train.py in `workdir`; (wall seconds, combined output)."""
-    command = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / config), *args]
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode:
-        sys.exit(f"{config} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return seconds, result.stdout + result.stderr
+from accuracy import test_accuracy, train  # bench/ is the script's folder
 
 
 def seconds_per_epoch(config: str, common: list[str], scratch: Path) -> tuple[float, float]:
@@ -40,17 +26,10 @@ def seconds_per_epoch(config: str, common: list[str], scratch: Path) -> tuple[fl
     times = []
     for epochs in (1, 3):
         folder = Path(tempfile.mkdtemp(dir=scratch))
-        seconds, _ = train(config, [*common, "--trainer.max_epochs", str(epochs)], folder)
+        _, seconds, _ = train(config, [*common, "--trainer.max_epochs", str(epochs)], folder)
         times.append(seconds)
     per_epoch = (times[1] - times[0]) / 2
     return times[0] - per_epoch, per_epoch
-
-
-def test_accuracy(output: str) -> float:
-    match = re.search(r"test/acc = ([0-9.]+)", output)
-    if not match:
-        sys.exit(f"no test/acc in the output:\n{output[-3000:]}")
-    return float(match.group(1))
 
 
 def main() -> None:
@@ -84,9 +63,9 @@ def main() -> None:
             pre_budget = args.budget * args.pretrain_share
             pre_plan = plan("configs/flowers17-pretrain.yaml", pre_budget)
             fine_plan = plan("configs/flowers17-finetune.yaml", args.budget - pre_budget)
-            pre_seconds, _ = train("configs/flowers17-pretrain.yaml", [*common, *pre_plan], folder)
+            _, pre_seconds, _ = train("configs/flowers17-pretrain.yaml", [*common, *pre_plan], folder)
             backbone = folder / "data/lightning/flowers17-pretrain/last.ckpt"
-            seconds, output = train("configs/flowers17-finetune.yaml",
+            _, seconds, output = train("configs/flowers17-finetune.yaml",
                                     [*common, *fine_plan, "--model.init_from", str(backbone)], folder)
             seconds += pre_seconds
             epochs = f"{pre_plan[1]} + {fine_plan[1]}"
@@ -94,7 +73,7 @@ def main() -> None:
             config = {"supervised": "configs/flowers17.yaml",
                       "contrastive": "configs/flowers17-contrastive.yaml"}[method]
             run_plan = plan(config, args.budget)
-            seconds, output = train(config, [*common, *run_plan], folder)
+            _, seconds, output = train(config, [*common, *run_plan], folder)
             epochs = run_plan[1]
         split = re.search(r"Flowers-17: (.*?): \d+ train", output)
         rows.append((method, epochs, seconds, test_accuracy(output)))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from jsonargparse import ActionYesNo, ArgumentError
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -21,7 +21,7 @@ from src.checkpoints import SafeCheckpointIO, load_for_resume, remove_partial_fi
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule
 from src.errors import ConfigError, UserError
-from src.models.classifier import ARCHITECTURE, ViTClassifier
+from src.models.classifier import ARCHITECTURE, ARCHITECTURE_DEFAULTS, ViTClassifier
 
 ROOT_DIR = "data/lightning"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.yaml"
@@ -147,11 +147,20 @@ class ViTCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(TensorBoardPictures, "pictures")
+        parser.add_argument(
+            "--ema",
+            type=float,
+            default=0.0,
+            help="Decay of an exponential moving average of the weights (Lightning's EMAWeightAveraging), "
+            "e.g. 0.999; 0 = off. Validation, the saved checkpoints, the test and classify.py use the average.",
+        )
         for name in LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config
+        if not 0.0 <= config.ema < 1.0:
+            raise ConfigError(f"--ema is a decay in [0, 1) (0 = off), got {config.ema}")
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)
         models_dir = Path(config.checkpoint.dirpath)
@@ -182,6 +191,10 @@ class ViTCLI(LightningCLI):
         """The configured Trainer, writing checkpoints with SafeCheckpointIO unless plugins are given."""
         if not self.config_init.trainer.get("plugins"):
             kwargs.setdefault("plugins", [SafeCheckpointIO()])
+        if self.config_init.ema > 0:
+            callbacks = self.config_init.trainer.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            kwargs["callbacks"] = [*callbacks, EMAWeightAveraging(decay=self.config_init.ema)]
         try:
             return super().instantiate_trainer(**kwargs)
         except MisconfigurationException as error:  # Lightning's own check of a trainer setting
@@ -234,7 +247,7 @@ IDENTITY = (*ARCHITECTURE, "class_names")
 
 def check_compatible(model: LightningModule, checkpoint: dict, path: Path) -> None:
     """Raise one clear ConfigError when the checkpoint does not fit the configured model and data."""
-    saved = checkpoint.get("hyper_parameters", {})
+    saved = {**ARCHITECTURE_DEFAULTS, **checkpoint.get("hyper_parameters", {})}
     differ = [f"{k}={saved[k]!r} (config: {model.hparams[k]!r})"
               for k in IDENTITY if k in saved and k in model.hparams and saved[k] != model.hparams[k]]
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

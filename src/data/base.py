@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from src.data.device import BatchAugment, DeviceImages
-from src.data.transforms import Augment, eval_transform, train_transform
+from src.data.transforms import Augment, erasing, eval_transform, train_transform
 from src.errors import ConfigError
 
 
@@ -96,8 +96,10 @@ AugmentOn = Literal["loader", "device"]
 class ImageDataModule(L.LightningDataModule):
     """Base of the project's DataModules.
 
-    `views` is how many augmentations of each training image a batch holds (2 for the contrastive
-    term); evaluation always sees one. Subclasses set `num_classes`, `class_names`, `image_size`,
+    `views` is how many augmentations of each training image a batch holds: 2 for the contrastive
+    term; without it, more than 1 is repeated augmentation (Hoffer et al. 2020, as DeiT uses it):
+    every step sees `batch_size` images `views` times each, differently augmented. Evaluation always
+    sees one. `erase_prob` erases a random box in that share of training images (after the policy). Subclasses set `num_classes`, `class_names`, `image_size`,
     `mean` and `std` in `__init__` (the CLI links them into the model) and fill `train_set`,
     `val_set` and `test_set` in `setup`.
     """
@@ -117,8 +119,10 @@ class ImageDataModule(L.LightningDataModule):
         views: int = 1,
         seed: int = 0,
         augment_on: AugmentOn = "loader",
+        erase_prob: float = 0.0,
     ) -> None:
         super().__init__()
+        erasing(erase_prob)  # checks the probability
         if augment_on not in ("loader", "device"):
             raise ConfigError(f"augment_on must be 'loader' or 'device', got {augment_on!r}")
         if batch_size < 1:
@@ -136,6 +140,7 @@ class ImageDataModule(L.LightningDataModule):
         self.views = views
         self.seed = seed
         self.augment_on = augment_on
+        self.erase_prob = erase_prob
         self.batch_augment: BatchAugment | None = None  # set with device-side training images
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -165,7 +170,7 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def train_transform(self) -> Callable:
         """Augmentation + normalisation + patchify for training images."""
-        return train_transform(self.image_size, self.patch_size, self.mean, self.std, self.augment)
+        return train_transform(self.image_size, self.patch_size, self.mean, self.std, self.augment, self.erase_prob)
 
     @property
     def eval_transform(self) -> Callable:
@@ -177,7 +182,8 @@ class ImageDataModule(L.LightningDataModule):
         if tuple(images.shape[1:3]) != (self.image_size, self.image_size):
             raise ConfigError(f"device augmentation needs {self.image_size}px images, got {tuple(images.shape)}")
         self.batch_augment = BatchAugment(self.patch_size, self.mean, self.std, self.augment,
-                                          padding=self.image_size // 8)  # as train_transform's crop
+                                          padding=self.image_size // 8,  # as train_transform's crop
+                                          erase_prob=self.erase_prob)
         return DeviceImages(images, targets)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

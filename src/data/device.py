@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from src.data.transforms import Augment, patchify, policy
+from src.data.transforms import Augment, erasing, patchify, policy
 from src.errors import ConfigError
 
 
@@ -50,13 +50,15 @@ def reflect(index: Tensor, size: int) -> Tensor:
 
 
 class BatchAugment(nn.Module):
-    """Per-image random crop (reflect padding) and flip, a torchvision v2 policy, normalise, patchify.
+    """Per-image random crop (reflect padding) and flip, a torchvision v2 policy, normalise, random
+    erasing, patchify.
 
     Input (B, C, H, W) uint8 on any device; output (B, N, P*P*C) float32 on the same device. Crop and
     flip are drawn per image and done in one gather. The policy (RandAugment, AutoAugment, ...) is
     torchvision's own; torchvision draws one set of operations per call, so it is called on groups
-    of `group_size` images: every image still gets the policy's distribution of operations, and
-    neighbours in a group share them (a group of 1 is exactly the per-image policy, at more calls).
+    of `group_size` images drawn at random from the batch: every image still gets the policy's
+    distribution of operations, and the images of a group share them (a group of 1 is exactly the
+    per-image policy, at more calls). Erasing, torchvision's too, is drawn per image.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class BatchAugment(nn.Module):
         augment: Augment = "randaugment",
         padding: int = 4,
         group_size: int = 8,
+        erase_prob: float = 0.0,
     ) -> None:
         super().__init__()
         if padding < 0 or group_size < 1:
@@ -77,6 +80,9 @@ class BatchAugment(nn.Module):
         ops = policy(augment)
         self.policy = v2.Compose(ops) if ops else None
         self.mean, self.std = list(mean), list(std)
+        self.erase_prob = erase_prob
+        # Applied only to the images the coin chose, so the per-image loop costs p x B calls, not B.
+        self.erase = erasing(1.0)[0] if erase_prob > 0 else None
 
     def crop_and_flip(self, images: Tensor) -> Tensor:
         """Each image shifted by up to `padding` px (reflected edges) and mirrored with p = 0.5."""
@@ -98,8 +104,15 @@ class BatchAugment(nn.Module):
             raise ValueError(f"BatchAugment takes uint8 images, got {images.dtype}")
         x = self.crop_and_flip(images).contiguous()
         if self.policy is not None:
-            x = torch.cat([self.policy(group) for group in x.split(self.group_size)])
+            # Groups drawn at random, so the copies of an image that a batch may hold (views) or
+            # neighbours in the sampler's order do not share their operations.
+            order = torch.randperm(len(x), device=x.device)
+            mixed = torch.cat([self.policy(group) for group in x[order].split(self.group_size)])
+            x = torch.empty_like(mixed).index_copy_(0, order, mixed)
         # The same torchvision ops as the per-image path's tail (transforms._to_patches), on a batch.
         x = v2.functional.to_dtype(x, torch.float32, scale=True)
         x = v2.functional.normalize(x, self.mean, self.std)  # (B, C, H, W)
+        if self.erase is not None:
+            for i in torch.nonzero(torch.rand(len(x)) < self.erase_prob).flatten().tolist():
+                x[i] = self.erase(x[i])
         return patchify(x, self.patch_size)  # (B, N, P*P*C)

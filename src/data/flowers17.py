@@ -206,8 +206,9 @@ class Flowers17DataModule(ImageDataModule):
         augment: Augment = "randaugment",
         views: int = 1,
         seed: int = 0,
+        erase_prob: float = 0.0,
     ) -> None:
-        super().__init__(patch_size, batch_size, num_workers, augment, views, seed)
+        super().__init__(patch_size, batch_size, num_workers, augment, views, seed, erase_prob=erase_prob)
         # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
         self.save_hyperparameters(logger=False)
         if split not in (1, 2, 3):
@@ -241,7 +242,7 @@ class Flowers17DataModule(ImageDataModule):
     @property
     def train_transform(self) -> Callable:
         return photo_train_transform(
-            self.image_size, self.patch_size, self.mean, self.std, self.augment, self.crop_scale
+            self.image_size, self.patch_size, self.mean, self.std, self.augment, self.crop_scale, self.erase_prob
         )
 
     def prepare_data(self) -> None:

@@ -72,8 +72,9 @@ class ImageFolderDataModule(ImageDataModule):
         views: int = 1,
         seed: int = 0,
         augment_on: AugmentOn = "loader",
+        erase_prob: float = 0.0,
     ) -> None:
-        super().__init__(patch_size, batch_size, num_workers, augment, views, seed, augment_on)
+        super().__init__(patch_size, batch_size, num_workers, augment, views, seed, augment_on, erase_prob)
         # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
         self.save_hyperparameters(logger=False)
         self.root = Path(root)

@@ -54,14 +54,23 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     return x.reshape(*lead, (H // P) * (W // P), P * P * C)  # (*, N, P*P*C)
 
 
-def _to_patches(patch_size: int, mean: Sequence[float], std: Sequence[float]) -> list:
-    """Common tail of every preset: float tensor in [0, 1], normalise, patchify."""
+def _to_patches(patch_size: int, mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.0) -> list:
+    """Common tail of every preset: float tensor in [0, 1], normalise, (random erasing), patchify."""
     return [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(mean), std=list(std)),
+        *erasing(erase_prob),
         PatchifyTransform(patch_size),
     ]
+
+
+def erasing(erase_prob: float) -> list:
+    """Random erasing (Zhong et al. 2020) of one box per image with probability `erase_prob`, after
+    normalisation, so the box takes the mean colour (0); nothing when `erase_prob` is 0."""
+    if not 0.0 <= erase_prob <= 1.0:
+        raise ConfigError(f"erase_prob must be in [0, 1], got {erase_prob}")
+    return [v2.RandomErasing(p=erase_prob)] if erase_prob > 0 else []
 
 
 def eval_transform(
@@ -82,6 +91,7 @@ def train_transform(
     mean: Sequence[float],
     std: Sequence[float],
     augment: Augment = "randaugment",
+    erase_prob: float = 0.0,
 ) -> v2.Compose:
     """Augmentation for small images: reflect-padded random crop, flip and an optional policy.
 
@@ -98,7 +108,7 @@ def train_transform(
             v2.RandomHorizontalFlip(),
             *policy(augment),
         ]
-        + _to_patches(patch_size, mean, std)
+        + _to_patches(patch_size, mean, std, erase_prob)
     )
 
 
@@ -109,6 +119,7 @@ def photo_train_transform(
     std: Sequence[float],
     augment: Augment = "randaugment",
     crop_scale: tuple[float, float] = (0.35, 1.0),
+    erase_prob: float = 0.0,
 ) -> v2.Compose:
     """Augmentation for photos larger than `image_size`: random resized crop, flip and a policy."""
     if image_size % patch_size:
@@ -122,7 +133,7 @@ def photo_train_transform(
             v2.RandomHorizontalFlip(),
             *policy(augment),
         ]
-        + _to_patches(patch_size, mean, std)
+        + _to_patches(patch_size, mean, std, erase_prob)
     )
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
+from torchvision.transforms import v2
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -22,12 +23,15 @@ from src.checkpoints import read_checkpoint
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from src.errors import ConfigError, DivergedError
 from src.models.losses import ProjectionHead, info_nce
-from src.models.vit import ViT
+from src.data.transforms import patchify
+from src.models.vit import Tokenizer, ViT, unpatchify
 
 
 # The hyperparameters that fix the ViT's shape: a checkpoint's weights fit exactly the models built
 # with the same values (dropout and drop path change training, not the weights' layout).
-ARCHITECTURE = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio")
+ARCHITECTURE = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "tokenizer")
+# What a checkpoint saved before a hyperparameter existed was trained with.
+ARCHITECTURE_DEFAULTS = {"tokenizer": "patch"}
 # Everything but the head: what a pre-trained backbone must share with the model it initialises.
 BACKBONE = tuple(k for k in ARCHITECTURE if k != "num_classes")
 
@@ -55,6 +59,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
+    """torchvision's MixUp and/or CutMix (one of the two per batch, with equal odds), or None for neither."""
+    mixes = []
+    if mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -86,6 +102,9 @@ class ViTClassifier(L.LightningModule):
 
     With `contrastive_weight` > 0 the training batches hold two augmented views of each image and the
     loss is `CE + contrastive_weight * InfoNCE` between projections of the two views' class tokens.
+    `mixup_alpha` / `cutmix_alpha` > 0 mix each training batch with torchvision's MixUp / CutMix (one
+    of them per batch when both are set) and train on the soft targets they make; `tokenizer: conv`
+    replaces the linear patch projection with a small convolutional stem (the data path is the same).
     `init_from` starts a new run from another checkpoint's backbone (e.g. instance-discrimination
     pre-training) with a fresh head. `compile` runs the ViT through `torch.compile` (in place, so
     checkpoints are unchanged); where that cannot work, training goes on uncompiled with a warning.
@@ -108,6 +127,9 @@ class ViTClassifier(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 5.0,
         label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        tokenizer: Tokenizer = "patch",
         contrastive_weight: float = 0.0,
         temperature: float = 0.1,
         projection_dim: int = 128,
@@ -126,6 +148,11 @@ class ViTClassifier(L.LightningModule):
             raise ConfigError(f"warmup_epochs must be 0 or more, got {warmup_epochs}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ConfigError(f"mixup_alpha and cutmix_alpha must be 0 (off) or more; got {mixup_alpha}, {cutmix_alpha}")
+        if contrastive_weight > 0 and (mixup_alpha > 0 or cutmix_alpha > 0):
+            raise ConfigError("the contrastive term compares two views of the same image, which MixUp/CutMix "
+                              "would blend with other images: set mixup_alpha and cutmix_alpha to 0 with it")
         if contrastive_weight < 0 or temperature <= 0 or projection_dim < 1:
             raise ConfigError(
                 f"need contrastive_weight >= 0, temperature > 0 and projection_dim >= 1; got "
@@ -144,7 +171,9 @@ class ViTClassifier(L.LightningModule):
             mlp_ratio=mlp_ratio,
             dropout=dropout,
             drop_path=drop_path,
+            tokenizer=tokenizer,
         )
+        self.mix = batch_mix(mixup_alpha, cutmix_alpha, num_classes)
         # Only built when used: a run without the contrastive term pays nothing and saves no extra weights.
         self.projector = ProjectionHead(dim, dim, projection_dim) if contrastive_weight > 0 else None
         metrics = {"acc": MulticlassAccuracy(num_classes, average="micro")}
@@ -167,10 +196,17 @@ class ViTClassifier(L.LightningModule):
             views = patches.shape[1]
             patches = patches.transpose(0, 1).flatten(0, 1)  # (V*B, N, P*P*C), all first views first
             targets = targets.repeat(views)  # (V*B,)
+        if self.mix is not None:
+            # Mixed on the images the patches were cut from, as CutMix's boxes need; soft targets (V*B, K).
+            images, targets = self.mix(unpatchify(patches, hp.patch_size), targets)  # (V*B, C, H, W)
+            patches = patchify(images, hp.patch_size)  # (V*B, N, P*P*C)
         features = self.model.forward_features(patches)  # (V*B, N+1, D)
         logits = self.model.forward_head(features)
         # Label smoothing regularises training only; validation and test report the plain loss.
+        # cross_entropy takes class indices or, after MixUp/CutMix, class probabilities (B, K).
         loss = F.cross_entropy(logits, targets, label_smoothing=hp.label_smoothing)
+        if targets.ndim == 2:
+            targets = targets.argmax(dim=1)  # training accuracy counts the larger share of a mix
         if self.projector is not None:
             if views != 2:
                 raise ConfigError(
@@ -214,8 +250,9 @@ class ViTClassifier(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def configure_model(self) -> None:
-        # Called by every trainer.fit/validate/test; the flag keeps it to one compile.
+    def setup(self, stage: str) -> None:
+        # Called by every trainer.fit/validate/test; the flag keeps it to one compile. Not in
+        # configure_model: weight averaging (EMA) warns that models which override it may be sharded.
         if not self.hparams.compile or getattr(self, "_compiled", False):
             return
         self._compiled = True
@@ -233,6 +270,7 @@ class ViTClassifier(L.LightningModule):
     def load_backbone(self, path: str | Path) -> None:
         """Copy every weight but the head from a checkpoint of a ViT with the same backbone."""
         saved, state, _ = read_checkpoint(Path(path))
+        saved = {**ARCHITECTURE_DEFAULTS, **saved}
         differ = [f"{k}={saved.get(k)!r} (here: {self.hparams[k]!r})" for k in BACKBONE
                   if saved.get(k) != self.hparams[k]]
         if differ:

@@ -2,20 +2,79 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import StochasticDepth
+from torchvision.ops import Conv2dNormActivation, StochasticDepth
 
 from src.errors import ConfigError
 
+# How patches become tokens: one linear projection per patch (the ViT paper), or a small
+# convolutional stem over the image the patches were cut from (Xiao et al. 2021, "Early
+# convolutions help transformers see better"), which gives a small-data ViT a CNN's locality.
+Tokenizer = Literal["patch", "conv"]
+
+
+def unpatchify(patches: Tensor, patch_size: int, channels: int = 3) -> Tensor:
+    """Flattened patches (B, N, P*P*C) of square images, row by row -> the images (B, C, H, W)."""
+    B, N, _ = patches.shape
+    P, side = patch_size, round(N**0.5)
+    if side * side != N:
+        raise ValueError(f"{N} patches do not tile a square image")
+    x = patches.reshape(B, side, side, P, P, channels)  # (B, h, w, P, P, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, side * P, side * P)  # (B, C, H, W)
+
+
+class ConvStem(nn.Module):
+    """Patches -> tokens through stride-2 3x3 convolutions (BatchNorm, ReLU) and a 1x1 projection.
+
+    log2(P) stride-2 convolutions shrink the image by the patch size, so the stem yields exactly the
+    tokens the linear projection would: one per patch, in the same order. Widths double up to dim / 2.
+    """
+
+    def __init__(self, patch_size: int, dim: int, in_channels: int = 3) -> None:
+        super().__init__()
+        stages = patch_size.bit_length() - 1
+        if patch_size < 2 or 2**stages != patch_size:
+            raise ConfigError(f"tokenizer 'conv' needs a patch_size that is a power of 2 (2, 4, 8, ...), got {patch_size}")
+        self.patch_size, self.in_channels = patch_size, in_channels
+        widths = [max(16, dim >> (stages - i)) for i in range(stages)]  # e.g. dim 192, P 4: 48, 96
+        layers, width = [], in_channels
+        for out in widths:
+            layers.append(Conv2dNormActivation(width, out, kernel_size=3, stride=2))  # conv, BN, ReLU
+            width = out
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(width, dim, kernel_size=1)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        images = unpatchify(patches, self.patch_size, self.in_channels)  # (B, C, H, W)
+        x = self.proj(self.convs(images))  # (B, D, H/P, W/P)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), row by row like the patches
+
 
 class ImageEmbedding(nn.Module):
-    """Project flattened patches to tokens, prepend the class token and add learned positions."""
+    """Turn flattened patches into tokens, prepend the class token and add learned positions."""
 
-    def __init__(self, patch_dim: int, num_patches: int, dim: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        patch_dim: int,
+        num_patches: int,
+        dim: int,
+        dropout: float = 0.0,
+        tokenizer: Tokenizer = "patch",
+        patch_size: int | None = None,
+    ) -> None:
         super().__init__()
-        self.proj = nn.Linear(patch_dim, dim)
+        if tokenizer == "patch":
+            self.proj = nn.Linear(patch_dim, dim)
+        elif tokenizer == "conv":
+            if patch_size is None:
+                raise ConfigError("tokenizer 'conv' needs the patch_size")
+            self.proj = ConvStem(patch_size, dim, patch_dim // (patch_size * patch_size))
+        else:
+            raise ConfigError(f"tokenizer must be 'patch' or 'conv', got {tokenizer!r}")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         self.drop = nn.Dropout(dropout)
@@ -115,6 +174,7 @@ class ViT(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         drop_path: float = 0.0,
+        tokenizer: Tokenizer = "patch",
     ) -> None:
         super().__init__()
         for name, value in [("num_classes", num_classes), ("image_size", image_size),
@@ -131,7 +191,8 @@ class ViT(nn.Module):
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
 
         self.num_patches = (image_size // patch_size) ** 2
-        self.embed = ImageEmbedding(patch_size * patch_size * in_channels, self.num_patches, dim, dropout)
+        self.embed = ImageEmbedding(patch_size * patch_size * in_channels, self.num_patches, dim, dropout,
+                                    tokenizer, patch_size)
         # Stochastic depth grows linearly with depth: early blocks are almost always kept.
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.Sequential(

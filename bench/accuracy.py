@@ -1,0 +1,161 @@
+"""Accuracy at equal compute: train recipes for a fixed wall-clock budget, report test accuracy and the curve.
+
+    python bench/accuracy.py --budget 1200 --runs tintn cpu          # 20 min each, CIFAR-10 subset
+    python bench/accuracy.py --budget 300 --runs cpu no-mix no-conv  # an ablation at 5 min each
+    python bench/accuracy.py --data cifar10 --data-root data/cifar --budget 600 --runs gpu
+
+A run is a config plus flags (RECIPES below, or `--config` with `--runs custom`), trained fresh
+through the real `train.py` in its own folder. The epochs that fit the budget are calibrated first
+with a 3-epoch run: the time between its first and third validation is the cost of two epochs, the
+rest is start-up. So every run completes its warm-up + cosine schedule instead of being cut off
+mid-way; `--trainer.max_time` stops one that would overrun. The budget includes start-up and the
+final test. Reported per run: the test accuracy of the checkpoint chosen on validation, epochs,
+wall seconds, and the curve of validation accuracy against seconds since launch (TensorBoard's
+event times). `--json FILE` writes all of it.
+
+The default data is the real CIFAR-10 images in ../shared/datasets/cifar10-subset (5 170 PNGs) read
+as an image folder with its own seeded 10 % validation and 10 % test split (517 + 517 images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CIFAR10_STATS = ["--data.mean", "[0.4914,0.4822,0.4465]", "--data.std", "[0.2470,0.2435,0.2616]"]
+
+# name -> (config, flags). The no-* runs each take one switch out of the CPU recipe (the ablation).
+CPU = "configs/cifar10-cpu.yaml"
+RECIPES: dict[str, tuple[str, list[str]]] = {
+    # The seed tutorial (tintn/vision-transformer-from-scratch): dim 48, depth 4, 4 heads, MLP 4x,
+    # AdamW lr 1e-2 with weight decay 1e-2 and no schedule, batch 256, flip + a mild crop (ours: the
+    # reflect-padded crop), no policy, no label smoothing, no stochastic depth.
+    "tintn": (CPU, ["--model.dim", "48", "--model.depth", "4", "--model.num_heads", "4", "--model.mlp_ratio", "4",
+                    "--model.lr", "1e-2", "--model.min_lr", "1e-2", "--model.warmup_epochs", "0",
+                    "--model.weight_decay", "1e-2", "--model.label_smoothing", "0", "--model.drop_path", "0",
+                    "--model.mixup_alpha", "0", "--model.cutmix_alpha", "0", "--model.tokenizer", "patch",
+                    "--data.augment", "none", "--data.erase_prob", "0", "--data.views", "1",
+                    "--data.batch_size", "256", "--ema", "0"]),
+    "cpu": (CPU, []),
+    "no-conv": (CPU, ["--model.tokenizer", "patch"]),
+    "no-mix": (CPU, ["--model.mixup_alpha", "0", "--model.cutmix_alpha", "0"]),
+    "no-erase": (CPU, ["--data.erase_prob", "0"]),
+    # Same images per step: 128 distinct images once instead of 64 twice.
+    "no-repeat": (CPU, ["--data.views", "1", "--data.batch_size", "128"]),
+    # EMA is off in the recipe; this puts it on (Lightning's EMAWeightAveraging, decay 0.999).
+    "ema": (CPU, ["--ema", "0.999"]),
+    "no-smoothing": (CPU, ["--model.label_smoothing", "0"]),
+    # Every issue-7 switch off: the CPU recipe as it was before them (model size aside).
+    "plain": (CPU, ["--model.tokenizer", "patch", "--model.mixup_alpha", "0", "--model.cutmix_alpha", "0",
+                    "--data.erase_prob", "0", "--data.views", "1", "--data.batch_size", "128"]),
+    "gpu": ("configs/cifar10.yaml", []),
+}
+
+
+def train(config: str, args: list[str], workdir: Path) -> tuple[float, float, str]:
+    """Run train.py in `workdir`: (launch time, wall seconds, combined output)."""
+    command = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / config), *args]
+    launched, start = time.time(), time.perf_counter()
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        sys.exit(f"{config} {' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return launched, seconds, result.stdout + result.stderr
+
+
+def val_curve(workdir: Path, launched: float) -> list[tuple[float, int, float]]:
+    """(seconds since launch, epoch, val/acc) at every validation of the run in `workdir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = sorted((workdir / "data/lightning/lightning_logs").glob("version_*"))
+    if not logs:
+        sys.exit(f"no TensorBoard log under {workdir}")
+    events = EventAccumulator(str(logs[-1])).Reload()
+    epochs = {e.step: e.value for e in events.Scalars("epoch")} if "epoch" in events.Tags()["scalars"] else {}
+    return [(e.wall_time - launched, int(epochs.get(e.step, -1)), e.value) for e in events.Scalars("val/acc")]
+
+
+def calibrate(config: str, common: list[str], scratch: Path) -> tuple[float, float]:
+    """(start-up seconds, seconds per epoch with validation) of a config, from one 3-epoch run."""
+    folder = Path(tempfile.mkdtemp(prefix="calibrate-", dir=scratch))
+    launched, seconds, _ = train(config, [*common, "--trainer.max_epochs", "3"], folder)
+    curve = val_curve(folder, launched)
+    if len(curve) < 3:
+        sys.exit(f"calibration of {config} logged {len(curve)} validations, expected 3")
+    per_epoch = (curve[2][0] - curve[0][0]) / 2
+    return curve[0][0] - per_epoch, per_epoch
+
+
+def test_accuracy(output: str) -> float:
+    match = re.search(r"test/acc = ([0-9.]+)", output)
+    if not match:
+        sys.exit(f"no test/acc in the output:\n{output[-3000:]}")
+    return float(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=["tintn", "cpu"], help=f"any of {', '.join(RECIPES)}, custom")
+    parser.add_argument("--config", help="the config of --runs custom")
+    parser.add_argument("--budget", type=float, default=1200.0, help="seconds per run, start-up and test included")
+    parser.add_argument("--data", choices=["folder", "cifar10"], default="folder",
+                        help="folder: an image folder (--data-root) with CIFAR-10 statistics; cifar10: the archive")
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared/datasets/cifar10-subset"))
+    parser.add_argument("--points", type=int, default=25, help="about how many validations make the curve")
+    parser.add_argument("--json", help="write the results and curves here")
+    parser.add_argument("overrides", nargs="*", help="extra flags for every run, after --, e.g. -- --seed_everything 1")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="accuracy-bench-"))
+    data = (["--data", "ImageFolderDataModule", "--data.root", str(Path(args.data_root).resolve()), *CIFAR10_STATS]
+            if args.data == "folder" else ["--data.root", str(Path(args.data_root).resolve())])
+    common = [*data, "--fresh", "--early_stopping.patience", "100000", "--trainer.enable_progress_bar", "false"]
+    rows, results = [], []
+    for name in args.runs:
+        if name == "custom":
+            if not args.config:
+                sys.exit("--runs custom needs --config")
+            config, flags = args.config, []
+        else:
+            config, flags = RECIPES[name]
+        run_flags = [*common, *flags, *args.overrides]
+        startup, per_epoch = calibrate(config, run_flags, scratch)
+        epochs = max(1, math.floor((args.budget - startup) / per_epoch))
+        every = max(1, epochs // args.points)
+        minutes, seconds = divmod(int(args.budget - startup), 60)
+        print(f"{name}: start-up {startup:.1f} s, {per_epoch:.2f} s/epoch -> {epochs} epochs in {args.budget:.0f} s",
+              flush=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
+        launched, wall, output = train(config, [*run_flags, "--trainer.max_epochs", str(epochs),
+                                                "--trainer.check_val_every_n_epoch", str(every),
+                                                "--trainer.max_time", f"00:00:{minutes:02d}:{seconds:02d}"], folder)
+        accuracy, curve = test_accuracy(output), val_curve(folder, launched)
+        best = max(curve, key=lambda point: point[2]) if curve else (0.0, -1, 0.0)
+        rows.append((name, epochs, wall, best[2], accuracy))
+        results.append({"name": name, "config": config, "flags": [*flags, *args.overrides], "budget_s": args.budget,
+                        "startup_s": startup, "epoch_s": per_epoch, "epochs": epochs, "wall_s": wall,
+                        "best_val_acc": best[2], "test_acc": accuracy,
+                        "curve": [{"s": round(s, 1), "epoch": e, "val_acc": a} for s, e, a in curve]})
+        shown = ", ".join(f"{s:.0f}s {a:.3f}" for s, _, a in curve)
+        print(f"{name}: test acc {accuracy:.4f} (best val {best[2]:.4f}) after {epochs} epochs in {wall:.0f} s\n"
+              f"  val acc by seconds since launch: {shown}", flush=True)
+        if args.json:  # after every run, so a long series interrupted keeps what it finished
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
+    print(f"\n| run | epochs | wall s | best val acc | test acc |\n|---|---|---|---|---|")
+    for name, epochs, wall, val, accuracy in rows:
+        print(f"| {name} | {epochs} | {wall:.0f} | {val:.4f} | {accuracy:.4f} |")
+    print(f"\nruns kept in {scratch}")
+
+
+if __name__ == "__main__":
+    main()

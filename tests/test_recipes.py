@@ -1,0 +1,210 @@
+"""Issue 7's recipe switches: conv tokenizer, MixUp/CutMix, random erasing, repeated augmentation, EMA."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from conftest import REPO
+from src.checkpoints import read_checkpoint
+from src.cli import check_compatible
+from src.data import ImageFolderDataModule
+from src.data.device import BatchAugment
+from src.data.transforms import CIFAR10_MEAN, CIFAR10_STD, patchify, train_transform
+from src.errors import ConfigError
+from src.inference import load_classifier
+from src.models.classifier import ViTClassifier, batch_mix
+from src.models.vit import ConvStem, ViT, unpatchify
+
+TINY = dict(num_classes=10, image_size=16, patch_size=4, dim=32, depth=2, num_heads=2, drop_path=0.0,
+            label_smoothing=0.0)
+
+
+def quiet(model, monkeypatch):
+    monkeypatch.setattr(model, "log", lambda *a, **k: None)
+    monkeypatch.setattr(model, "log_dict", lambda *a, **k: None)
+    return model
+
+
+def test_unpatchify_inverts_patchify():
+    images = torch.randn(3, 3, 32, 32)
+    assert torch.equal(unpatchify(patchify(images, 4), 4), images)
+    assert torch.equal(unpatchify(patchify(images, 8), 8), images)
+
+
+def test_conv_tokenizer_gives_one_token_per_patch_and_trains_every_weight():
+    torch.manual_seed(0)
+    model = ViT(num_classes=10, image_size=32, patch_size=4, dim=32, depth=1, num_heads=2, tokenizer="conv")
+    assert isinstance(model.embed.proj, ConvStem)
+    patches = torch.randn(2, 64, 48)
+    features = model.forward_features(patches)
+    assert features.shape == (2, 65, 32)
+    model(patches).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_conv_tokens_are_local_and_in_patch_order():
+    # A change inside one patch moves its own token and (through the 3x3 receptive field) only
+    # its neighbours', never a token on the far side of the image.
+    torch.manual_seed(0)
+    stem = ConvStem(patch_size=4, dim=16).eval()
+    images = torch.randn(1, 3, 32, 32)
+    changed = images.clone()
+    changed[..., 0:4, 0:4] += 1.0  # the top-left patch: token 0
+    moved = (stem(patchify(changed, 4)) - stem(patchify(images, 4))).abs().sum(-1)[0].view(8, 8)
+    assert moved[0, 0] > 0
+    assert moved[2:, :].sum() == 0 and moved[:, 2:].sum() == 0
+
+
+def test_conv_tokenizer_needs_a_power_of_two_patch():
+    with pytest.raises(ConfigError, match="power of 2"):
+        ViT(num_classes=10, image_size=30, patch_size=6, tokenizer="conv")
+    with pytest.raises(ConfigError, match="tokenizer"):
+        ViT(num_classes=10, tokenizer="hexagons")
+
+
+def test_checkpoints_from_before_the_tokenizer_option_still_fit(tmp_path: Path):
+    model = ViTClassifier(**TINY)
+    hparams = {k: v for k, v in model.hparams.items() if k != "tokenizer"}
+    checkpoint = {"hyper_parameters": hparams, "state_dict": model.state_dict()}
+    check_compatible(model, checkpoint, tmp_path / "old.ckpt")  # read as tokenizer: patch
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    assert load_classifier(tmp_path / "old.ckpt").model.embed.proj.__class__ is torch.nn.Linear
+    with pytest.raises(ConfigError, match="tokenizer='patch'"):
+        check_compatible(ViTClassifier(**TINY, tokenizer="conv"), checkpoint, tmp_path / "old.ckpt")
+
+
+@pytest.mark.parametrize("mixup, cutmix, kind", [(0.8, 0.0, v2.MixUp), (0.0, 1.0, v2.CutMix),
+                                                 (0.8, 1.0, v2.RandomChoice), (0.0, 0.0, type(None))])
+def test_batch_mix_is_torchvisions(mixup, cutmix, kind):
+    assert isinstance(batch_mix(mixup, cutmix, 10), kind)
+
+
+def test_mixed_step_trains_on_soft_targets(monkeypatch):
+    torch.manual_seed(0)
+    model = quiet(ViTClassifier(**TINY, mixup_alpha=0.8), monkeypatch)
+    patches, targets = torch.randn(8, 16, 48), torch.arange(8)
+    seen = {}
+    original = model.model.forward_features
+
+    def features(x):
+        seen["x"] = x
+        return original(x)
+
+    monkeypatch.setattr(model.model, "forward_features", features)
+    calls = {}
+    real_ce = F.cross_entropy
+
+    def spy(logits, target, **kw):
+        calls["target"] = target
+        return real_ce(logits, target, **kw)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    loss = model.training_step((patches, targets), 0)
+    assert torch.isfinite(loss)
+    soft = calls["target"]
+    assert soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
+    lam = soft[0, 0].item()  # MixUp: image 0 is lam * image 0 + (1 - lam) * image 7
+    assert 0 < lam < 1 and soft[0, 7].item() == pytest.approx(1 - lam, abs=1e-6)
+    expected = lam * patches + (1 - lam) * patches.roll(1, 0)
+    assert torch.allclose(seen["x"], expected, atol=1e-5)
+
+
+def test_mixing_refuses_the_contrastive_term_and_negative_alphas():
+    with pytest.raises(ConfigError, match="contrastive"):
+        ViTClassifier(**TINY, mixup_alpha=0.8, contrastive_weight=0.5)
+    with pytest.raises(ConfigError, match="mixup_alpha"):
+        ViTClassifier(**TINY, cutmix_alpha=-1.0)
+
+
+def test_repeated_augmentation_is_the_mean_loss_over_every_view(monkeypatch):
+    torch.manual_seed(0)
+    model = quiet(ViTClassifier(**TINY), monkeypatch)
+    views, targets = torch.randn(4, 3, 16, 48), torch.tensor([1, 2, 3, 4])  # (B, V, N, P*P*C)
+    loss = model.training_step((views, targets), 0)
+    flat = views.transpose(0, 1).flatten(0, 1)  # every image's first view, then its second, ...
+    assert loss.item() == pytest.approx(F.cross_entropy(model(flat), targets.repeat(3)).item(), rel=1e-5)
+
+
+def erased(out: torch.Tensor, size: int, patch: int) -> torch.Tensor:
+    """Per image, whether some 2x2 block of pixels is exactly 0 (the normalised mean colour)."""
+    images = unpatchify(out, patch)  # (B, C, H, W)
+    zero = (images == 0).all(1).float()  # (B, H, W)
+    return F.max_pool2d(F.avg_pool2d(zero[:, None], 2, 1), size - 1).flatten() == 1
+
+
+def test_device_random_erasing_hits_about_its_share_of_images():
+    torch.manual_seed(0)
+    images = torch.randint(1, 255, (2000, 3, 16, 16), dtype=torch.uint8)
+    none = BatchAugment(4, CIFAR10_MEAN, CIFAR10_STD, "none", padding=0)
+    assert not erased(none(images), 16, 4).any()
+    quarter = BatchAugment(4, CIFAR10_MEAN, CIFAR10_STD, "none", padding=0, erase_prob=0.25)
+    share = erased(quarter(images), 16, 4).float().mean().item()
+    assert 0.21 < share < 0.29  # 0.25, minus the few boxes narrower than 2 px
+
+
+def test_loader_random_erasing_is_torchvisions_and_checked():
+    transform = train_transform(32, 4, CIFAR10_MEAN, CIFAR10_STD, "none", erase_prob=0.25)
+    assert any(isinstance(t, v2.RandomErasing) and t.p == 0.25 for t in transform.transforms)
+    assert not any(isinstance(t, v2.RandomErasing) for t in train_transform(32, 4, CIFAR10_MEAN, CIFAR10_STD).transforms)
+    with pytest.raises(ConfigError, match="erase_prob"):
+        train_transform(32, 4, CIFAR10_MEAN, CIFAR10_STD, erase_prob=1.5)
+
+
+def train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+EMA_RUN = [
+    "--config", str(REPO / "configs" / "cifar10-cpu.yaml"),
+    "--data", "ImageFolderDataModule", "--data.num_workers", "0", "--data.batch_size", "8",
+    "--model.dim", "16", "--model.depth", "1", "--model.num_heads", "2",
+    "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
+]
+
+
+def test_ema_run_checkpoints_and_tests_the_average_and_resumes(tmp_path: Path, image_folder: Path):
+    run = [*EMA_RUN, "--data.root", str(image_folder), "--ema", "0.9"]
+    first = train(tmp_path, *run, "--trainer.max_epochs", "1")
+    assert first.returncode == 0, first.stderr
+    second = train(tmp_path, *run, "--trainer.max_epochs", "3")  # resumes from last.ckpt
+    assert second.returncode == 0, second.stderr
+    assert "Resuming from" in second.stderr + second.stdout
+
+    models = tmp_path / "data/lightning/models"
+    best = next(p for p in models.glob("epoch*.ckpt"))
+    raw = torch.load(best, weights_only=True)
+    assert "averaging_state" in raw and "current_model_state" in raw
+    average, current = raw["state_dict"], raw["current_model_state"]
+    assert any(not torch.equal(average[k], current[k]) for k in average if k.startswith("model."))
+
+    # The logged test loss is that of the average (the checkpoint's state_dict), not the raw weights.
+    hparams, _, data_hparams = read_checkpoint(best)
+    data = ImageFolderDataModule(**{k: v for k, v in data_hparams.items() if not k.startswith("_")})
+    data.setup("test")
+    samples = [data.test_set[i] for i in range(len(data.test_set))]
+    patches, targets = torch.stack([x for x, _ in samples]), torch.tensor([y for _, y in samples])
+    model = ViTClassifier(**{k: v for k, v in hparams.items() if not k.startswith("_")}).eval()
+
+    def loss_of(state: dict) -> float:
+        model.load_state_dict(state)
+        with torch.no_grad():
+            return F.cross_entropy(model(patches), targets).item()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logs = sorted((tmp_path / "data/lightning/lightning_logs").glob("version_*"))[-1]
+    logged = EventAccumulator(str(logs)).Reload().Scalars("test/loss")[-1].value
+    assert logged == pytest.approx(loss_of(average), rel=1e-4)
+    assert logged != pytest.approx(loss_of(current), rel=1e-4)
+
+
+def test_ema_decay_is_checked(tmp_path: Path, image_folder: Path):
+    result = train(tmp_path, *EMA_RUN, "--data.root", str(image_folder), "--ema", "1.5")
+    assert result.returncode == 2 and "--ema" in result.stderr
