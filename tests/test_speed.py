@@ -86,7 +86,7 @@ def test_compile_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
     forward = module.model.forward_features
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module.configure_model()
+        module.setup("fit")
     assert any("training uncompiled" in str(w.message) for w in caught)
     assert module.model.forward_features == forward  # left as it was
 

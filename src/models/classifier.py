@@ -20,10 +20,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from src.checkpoints import read_checkpoint
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, patchify
 from src.errors import ConfigError, DivergedError
 from src.models.losses import ProjectionHead, info_nce
-from src.data.transforms import patchify
 from src.models.vit import Tokenizer, ViT, unpatchify
 
 
