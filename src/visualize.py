@@ -9,7 +9,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from src.data.transforms import PatchifyTransform
+from src.data.transforms import unpatchify
 
 
 def attention_rollout(maps: Sequence[Tensor]) -> Tensor:
@@ -34,8 +34,7 @@ def attention_rollout(maps: Sequence[Tensor]) -> Tensor:
 def to_pixels(patches: Tensor, image_size: int, patch_size: int, mean: Sequence[float],
               std: Sequence[float]) -> Tensor:
     """Undo patchify and normalisation: (B, N, P*P*C) -> (B, H, W, C) in [0, 1], for display."""
-    unpatchify = PatchifyTransform(patch_size).inverse
-    images = torch.stack([unpatchify(p, image_size) for p in patches.float().cpu()])  # (B, C, H, W)
+    images = unpatchify(patches.float().cpu(), patch_size, image_size)  # (B, C, H, W)
     images = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     return images.clamp(0, 1).permute(0, 2, 3, 1)  # (B, H, W, C)
 

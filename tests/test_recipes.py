@@ -16,11 +16,11 @@ from src.checkpoints import read_checkpoint
 from src.cli import check_compatible
 from src.data import ImageFolderDataModule
 from src.data.device import BatchAugment
-from src.data.transforms import CIFAR10_MEAN, CIFAR10_STD, patchify, train_transform
+from src.data.transforms import CIFAR10_MEAN, CIFAR10_STD, patchify, train_transform, unpatchify
 from src.errors import ConfigError
 from src.inference import load_classifier
 from src.models.classifier import ViTClassifier, batch_mix
-from src.models.vit import ConvStem, ViT, unpatchify
+from src.models.vit import ConvStem, ViT
 
 TINY = dict(num_classes=10, image_size=16, patch_size=4, dim=32, depth=2, num_heads=2, drop_path=0.0,
             label_smoothing=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import torch
@@ -31,12 +32,7 @@ class PatchifyTransform:
 
     def inverse(self, patches: Tensor, image_size: int | tuple[int, int]) -> Tensor:
         """Reassemble (N, P*P*C) patches into the (C, H, W) image they were cut from."""
-        H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
-        P = self.patch_size
-        h, w = H // P, W // P
-        C = patches.shape[-1] // (P * P)
-        x = patches.reshape(h, w, P, P, C)  # (h, w, P, P, C)
-        return x.permute(4, 0, 2, 1, 3).reshape(C, H, W)  # (C, H, W)
+        return unpatchify(patches, self.patch_size, image_size)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(patch_size={self.patch_size})"
@@ -52,6 +48,23 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     n = len(lead)
     x = x.permute(*range(n), n + 1, n + 3, n + 2, n + 4, n)  # (*, h, w, P, P, C)
     return x.reshape(*lead, (H // P) * (W // P), P * P * C)  # (*, N, P*P*C)
+
+
+def unpatchify(patches: Tensor, patch_size: int, image_size: int | tuple[int, int] | None = None) -> Tensor:
+    """Flattened patches (*, N, P*P*C), row by row -> the images (*, C, H, W); square unless `image_size` says."""
+    *lead, N, D = patches.shape
+    P = patch_size
+    if image_size is None:
+        side = math.isqrt(N)
+        if side * side != N:
+            raise ValueError(f"{N} patches do not tile a square image; pass image_size")
+        image_size = side * P
+    H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
+    h, w, C = H // P, W // P, D // (P * P)
+    x = patches.reshape(*lead, h, w, P, P, C)  # (*, h, w, P, P, C)
+    n = len(lead)
+    x = x.permute(*range(n), n + 4, n, n + 2, n + 1, n + 3)  # (*, C, h, P, w, P)
+    return x.reshape(*lead, C, H, W)  # (*, C, H, W)
 
 
 def _to_patches(patch_size: int, mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.0) -> list:

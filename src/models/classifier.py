@@ -20,10 +20,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from src.checkpoints import read_checkpoint
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, patchify
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, patchify, unpatchify
 from src.errors import ConfigError, DivergedError
 from src.models.losses import ProjectionHead, info_nce
-from src.models.vit import Tokenizer, ViT, unpatchify
+from src.models.vit import Tokenizer, ViT
 
 
 # The hyperparameters that fix the ViT's shape: a checkpoint's weights fit exactly the models built

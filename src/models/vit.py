@@ -9,22 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, StochasticDepth
 
+from src.data.transforms import unpatchify
 from src.errors import ConfigError
 
 # How patches become tokens: one linear projection per patch (the ViT paper), or a small
 # convolutional stem over the image the patches were cut from (Xiao et al. 2021, "Early
 # convolutions help transformers see better"), which gives a small-data ViT a CNN's locality.
 Tokenizer = Literal["patch", "conv"]
-
-
-def unpatchify(patches: Tensor, patch_size: int, channels: int = 3) -> Tensor:
-    """Flattened patches (B, N, P*P*C) of square images, row by row -> the images (B, C, H, W)."""
-    B, N, _ = patches.shape
-    P, side = patch_size, round(N**0.5)
-    if side * side != N:
-        raise ValueError(f"{N} patches do not tile a square image")
-    x = patches.reshape(B, side, side, P, P, channels)  # (B, h, w, P, P, C)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, side * P, side * P)  # (B, C, H, W)
 
 
 class ConvStem(nn.Module):
@@ -39,7 +30,7 @@ class ConvStem(nn.Module):
         stages = patch_size.bit_length() - 1
         if patch_size < 2 or 2**stages != patch_size:
             raise ConfigError(f"tokenizer 'conv' needs a patch_size that is a power of 2 (2, 4, 8, ...), got {patch_size}")
-        self.patch_size, self.in_channels = patch_size, in_channels
+        self.patch_size = patch_size
         widths = [max(16, dim >> (stages - i)) for i in range(stages)]  # e.g. dim 192, P 4: 48, 96
         layers, width = [], in_channels
         for out in widths:
@@ -49,7 +40,7 @@ class ConvStem(nn.Module):
         self.proj = nn.Conv2d(width, dim, kernel_size=1)
 
     def forward(self, patches: Tensor) -> Tensor:
-        images = unpatchify(patches, self.patch_size, self.in_channels)  # (B, C, H, W)
+        images = unpatchify(patches, self.patch_size)  # (B, C, H, W)
         x = self.proj(self.convs(images))  # (B, D, H/P, W/P)
         return x.flatten(2).transpose(1, 2)  # (B, N, D), row by row like the patches
 
