@@ -99,9 +99,10 @@ class ImageDataModule(L.LightningDataModule):
     `views` is how many augmentations of each training image a batch holds: 2 for the contrastive
     term; without it, more than 1 is repeated augmentation (Hoffer et al. 2020, as DeiT uses it):
     every step sees `batch_size` images `views` times each, differently augmented. Evaluation always
-    sees one. `erase_prob` erases a random box in that share of training images (after the policy). Subclasses set `num_classes`, `class_names`, `image_size`,
-    `mean` and `std` in `__init__` (the CLI links them into the model) and fill `train_set`,
-    `val_set` and `test_set` in `setup`.
+    sees one. `erase_prob` erases a random box in that share of training images (after the policy).
+
+    Subclasses set `num_classes`, `class_names`, `image_size`, `mean` and `std` in `__init__` (the
+    CLI links them into the model) and fill `train_set`, `val_set` and `test_set` in `setup`.
     """
 
     num_classes: int
