@@ -125,6 +125,15 @@ def load_for_resume(last: Path) -> tuple[Path, dict]:
     )
 
 
+# What a checkpoint saved before a hyperparameter existed was trained with.
+ARCHITECTURE_DEFAULTS = {"tokenizer": "patch"}
+
+
+def saved_hparams(hparams: dict) -> dict:
+    """A checkpoint's model hyperparameters, with those added since it was written at their old value."""
+    return {**ARCHITECTURE_DEFAULTS, **hparams}
+
+
 def not_ours(path: Path, why: str) -> UserError:
     """The error for a file that train.py did not write."""
     return UserError(f"{path} is not a vit-lightning checkpoint ({why}); pass one written by train.py "
@@ -145,7 +154,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor], dict | None]:
         if "vit_lightning" not in metadata:
             raise not_ours(path, "no vit_lightning metadata")
         data = json.loads(metadata["datamodule"]) if "datamodule" in metadata else None
-        return json.loads(metadata["vit_lightning"]), state, data
+        return saved_hparams(json.loads(metadata["vit_lightning"])), state, data
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -162,4 +171,4 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor], dict | None]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise not_ours(path, "no state_dict")
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    return dict(checkpoint.get("hyper_parameters", {})), state, checkpoint.get("datamodule_hyper_parameters")
+    return saved_hparams(checkpoint.get("hyper_parameters", {})), state, checkpoint.get("datamodule_hyper_parameters")

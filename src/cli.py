@@ -17,11 +17,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from src.callbacks import KeepLoggerVersion, StepCheckpoint, StopOnSignal, TensorBoardPictures
-from src.checkpoints import SafeCheckpointIO, load_for_resume, remove_partial_files
+from src.checkpoints import SafeCheckpointIO, load_for_resume, remove_partial_files, saved_hparams
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule
 from src.errors import ConfigError, UserError
-from src.models.classifier import ARCHITECTURE, ARCHITECTURE_DEFAULTS, ViTClassifier
+from src.models.classifier import ARCHITECTURE, ViTClassifier
 
 ROOT_DIR = "data/lightning"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.yaml"
@@ -247,7 +247,7 @@ IDENTITY = (*ARCHITECTURE, "class_names")
 
 def check_compatible(model: LightningModule, checkpoint: dict, path: Path) -> None:
     """Raise one clear ConfigError when the checkpoint does not fit the configured model and data."""
-    saved = {**ARCHITECTURE_DEFAULTS, **checkpoint.get("hyper_parameters", {})}
+    saved = saved_hparams(checkpoint.get("hyper_parameters", {}))
     differ = [f"{k}={saved[k]!r} (config: {model.hparams[k]!r})"
               for k in IDENTITY if k in saved and k in model.hparams and saved[k] != model.hparams[k]]
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

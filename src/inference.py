@@ -22,7 +22,7 @@ from src.checkpoints import not_ours, read_checkpoint
 from src.data import CIFAR10DataModule, Flowers17DataModule, ImageDataModule, ImageFolderDataModule
 from src.data.transforms import eval_transform
 from src.errors import ConfigError, UserError
-from src.models.classifier import ARCHITECTURE, ARCHITECTURE_DEFAULTS
+from src.models.classifier import ARCHITECTURE
 from src.models.vit import ViT
 
 # Each recipe keeps its checkpoints in its own folder here (models/ for CIFAR-10, flowers17/, ...).
@@ -77,7 +77,6 @@ class Classifier:
 def load_classifier(path: Path, device: torch.device | str = "cpu") -> Classifier:
     """Rebuild the trained ViT from a checkpoint alone, refusing anything unsafe or foreign."""
     hparams, state, data_hparams = read_checkpoint(Path(path))
-    hparams = {**ARCHITECTURE_DEFAULTS, **hparams}  # settings added since the checkpoint was written
     missing = [k for k in REQUIRED if k not in hparams]
     if missing:
         raise not_ours(path, f"missing settings: {', '.join(missing)}")

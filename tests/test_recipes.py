@@ -76,8 +76,11 @@ def test_checkpoints_from_before_the_tokenizer_option_still_fit(tmp_path: Path):
     check_compatible(model, checkpoint, tmp_path / "old.ckpt")  # read as tokenizer: patch
     torch.save(checkpoint, tmp_path / "old.ckpt")
     assert load_classifier(tmp_path / "old.ckpt").model.embed.proj.__class__ is torch.nn.Linear
+    ViTClassifier(**TINY).load_backbone(tmp_path / "old.ckpt")
     with pytest.raises(ConfigError, match="tokenizer='patch'"):
         check_compatible(ViTClassifier(**TINY, tokenizer="conv"), checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match="tokenizer='patch'"):
+        ViTClassifier(**TINY, tokenizer="conv").load_backbone(tmp_path / "old.ckpt")
 
 
 @pytest.mark.parametrize("mixup, cutmix, kind", [(0.8, 0.0, v2.MixUp), (0.0, 1.0, v2.CutMix),

@@ -29,8 +29,6 @@ from src.models.vit import Tokenizer, ViT
 # The hyperparameters that fix the ViT's shape: a checkpoint's weights fit exactly the models built
 # with the same values (dropout and drop path change training, not the weights' layout).
 ARCHITECTURE = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "tokenizer")
-# What a checkpoint saved before a hyperparameter existed was trained with.
-ARCHITECTURE_DEFAULTS = {"tokenizer": "patch"}
 # Everything but the head: what a pre-trained backbone must share with the model it initialises.
 BACKBONE = tuple(k for k in ARCHITECTURE if k != "num_classes")
 
@@ -269,7 +267,6 @@ class ViTClassifier(L.LightningModule):
     def load_backbone(self, path: str | Path) -> None:
         """Copy every weight but the head from a checkpoint of a ViT with the same backbone."""
         saved, state, _ = read_checkpoint(Path(path))
-        saved = {**ARCHITECTURE_DEFAULTS, **saved}
         differ = [f"{k}={saved.get(k)!r} (here: {self.hparams[k]!r})" for k in BACKBONE
                   if saved.get(k) != self.hparams[k]]
         if differ:
