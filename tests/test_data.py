@@ -9,6 +9,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from PIL import Image
 
 from conftest import write_image_folder
@@ -225,3 +226,12 @@ def test_image_folder_val_must_have_the_same_classes(tmp_path: Path):
     write_image_folder(tmp_path / "ds" / "val", classes=2, per_class=2)
     with pytest.raises(DataError, match="same class folders"):
         ImageFolderDataModule(root=str(tmp_path / "ds"))
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_decoding_shows_a_bar_only_when_the_trainer_shows_its_own(image_folder: Path, capsys, bar: bool):
+    dm = ImageFolderDataModule(root=str(image_folder), num_workers=0, augment_on="device")
+    dm.trainer = Trainer(accelerator="cpu", enable_progress_bar=bar, logger=False, enable_checkpointing=False)
+    capsys.readouterr()
+    dm.setup("fit")  # device augmentation decodes the training split here
+    assert ("Decoding training images" in capsys.readouterr().err) == bar

@@ -6,6 +6,7 @@ import os
 from typing import Any, Callable, Literal, Sequence
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -155,6 +156,12 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
+
+    @property
+    def show_progress(self) -> bool:
+        """Whether long data work (decoding) shows a bar: on rank 0, unless the trainer's own bar is off."""
+        trainer = self.trainer
+        return rank_zero_only.rank == 0 and (trainer is None or trainer.progress_bar_callback is not None)
 
     @property
     def testable(self) -> bool:

@@ -121,7 +121,7 @@ def cache_file(cache_dir: Path, root: Path, size: int) -> Path:
     return cache_dir / f"flowers17-{size}px-{key}.pt"
 
 
-def decoded_images(files: Sequence[Path], size: int, cache: Path) -> Tensor:
+def decoded_images(files: Sequence[Path], size: int, cache: Path, progress: bool = True) -> Tensor:
     """All images as one uint8 tensor (N, 3, size, size), from the cache when it is current."""
     stamp = fingerprint(files)
     if cache.is_file():
@@ -132,8 +132,8 @@ def decoded_images(files: Sequence[Path], size: int, cache: Path) -> Tensor:
         except Exception:  # an interrupted or foreign file: rebuild it
             pass
     images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    progress = tqdm(files, desc=f"Decoding Flowers-17 once at {size}px", unit="img", leave=False)
-    for i, path in enumerate(progress):
+    bar = tqdm(files, desc=f"Decoding Flowers-17 once at {size}px", unit="img", leave=False, disable=not progress)
+    for i, path in enumerate(bar):
         images[i] = decode(path, size)
     partial = cache.with_suffix(f".tmp{os.getpid()}")
     try:
@@ -167,11 +167,13 @@ def official_split(path: Path, split: int) -> dict[str, list[int]]:
 class Flowers17(Dataset):
     """The 1360 Flowers-17 images, decoded once: (uint8 image (3, S, S), label)."""
 
-    def __init__(self, root: str | Path, size: int, cache_dir: str | Path = "data/cache") -> None:
+    def __init__(
+        self, root: str | Path, size: int, cache_dir: str | Path = "data/cache", progress: bool = True
+    ) -> None:
         self.root = Path(root)
         self.files = check_files(self.root)
         self.targets = [label_of(k) for k in range(1, NUM_IMAGES + 1)]
-        self.images = decoded_images(self.files, size, cache_file(Path(cache_dir), self.root, size))
+        self.images = decoded_images(self.files, size, cache_file(Path(cache_dir), self.root, size), progress)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -249,7 +251,7 @@ class Flowers17DataModule(ImageDataModule):
         # One process per node: download, then decode into the on-disk cache that setup() reads.
         if self.download:
             download(self.root)
-        Flowers17(self.root, self.cache_size, self.cache_dir)
+        Flowers17(self.root, self.cache_size, self.cache_dir, self.show_progress)
 
     def splits(self, dataset: Flowers17) -> dict[str, list[int]]:
         """Image indices per split, official when datasplits.mat is there; says which it used."""
@@ -275,7 +277,7 @@ class Flowers17DataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        dataset = Flowers17(self.root, self.cache_size, self.cache_dir)
+        dataset = Flowers17(self.root, self.cache_size, self.cache_dir, self.show_progress)
         parts = self.splits(dataset)
         instance = self.targets == "instance"
         self.train_set = TransformedSubset(dataset, parts["train"], self.train_transform, self.views, instance)

@@ -7,7 +7,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -128,7 +127,7 @@ class ImageFolderDataModule(ImageDataModule):
         resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
         images = torch.empty(len(indices), size, size, 3, dtype=torch.uint8)
         for n, i in enumerate(tqdm(indices, desc="Decoding training images", leave=False,
-                                   disable=not rank_zero_only.rank == 0)):
+                                   disable=not self.show_progress)):
             images[n] = resize(dataset.loader(dataset.samples[i][0])).permute(1, 2, 0)  # (H, W, 3)
         return images
 
