@@ -219,8 +219,10 @@ def test_pretrain_then_finetune_through_the_cli(tmp_path: Path):
     assert "Initialised the backbone from" in output and "test/acc = " in output
     tuned = torch.load(tmp_path / "data/lightning/flowers17-finetune/last.ckpt", weights_only=True)["state_dict"]
     assert tuned["model.head.weight"].shape == (17, 16)
+    # The conv stem's BatchNorm statistics move with every training batch, whatever the rate.
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
     for name, value in pretrained["state_dict"].items():
-        if not name.startswith("model.head."):
+        if not name.startswith("model.head.") and not name.endswith(statistics):
             assert torch.allclose(tuned[name], value, atol=1e-5), name
 
 
