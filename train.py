@@ -42,6 +42,8 @@ def main(args: list[str] | None = None) -> None:
             shutil.rmtree(new_log_dir, ignore_errors=True)
         raise
     best = cli.best_checkpoint.best_model_path
+    if not cli.datamodule.validation_held_out:
+        best = ""  # validation scored training images: the best of it is no choice; test the last weights
     if not cli.datamodule.testable:
         rank_zero_info(
             f"Pre-training finished (no class-labelled test). Fine-tune from it with --model.init_from {cli.last_path}"

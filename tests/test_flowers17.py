@@ -150,6 +150,27 @@ def test_settings_are_checked():
         Flowers17DataModule(crop_scale=(0.5, 0.2))
     with pytest.raises(ConfigError, match="mean and std need 3 values"):
         Flowers17DataModule(std=(0.2, 0.2))
+    with pytest.raises(ConfigError, match="train_on must be 'train' or 'train\\+val'"):
+        Flowers17DataModule(train_on="all")
+
+
+def test_train_on_train_and_val_trains_on_both_and_says_validation_is_not_held_out(flowers17: Path):
+    held_out = datamodule(flowers17)
+    held_out.setup("fit")
+    assert held_out.validation_held_out
+    both = datamodule(flowers17, train_on="train+val")
+    both.setup("fit")
+    assert not both.validation_held_out
+    assert both.train_set.indices == sorted(held_out.train_set.indices + held_out.val_set.indices)
+    assert Counter(i // 80 for i in both.train_set.indices) == {c: 60 for c in range(17)}
+    # Validation and test are the same images as before; the test stays unseen.
+    assert both.val_set.indices == held_out.val_set.indices
+    assert both.test_set.indices == held_out.test_set.indices
+    assert set(both.train_set.indices).isdisjoint(both.test_set.indices)
+    # Instance pre-training on train + val: one class per image, 1 020 of them.
+    instances = datamodule(flowers17, train_on="train+val", targets="instance")
+    instances.setup("fit")
+    assert instances.num_classes == len(instances.train_set) == len(instances.val_set) == 1020
 
 
 def test_two_views_are_two_different_augmentations(flowers17: Path):
@@ -224,6 +245,22 @@ def test_pretrain_then_finetune_through_the_cli(tmp_path: Path):
     for name, value in pretrained["state_dict"].items():
         if not name.startswith("model.head.") and not name.endswith(statistics):
             assert torch.allclose(tuned[name], value, atol=1e-5), name
+
+
+@real_flowers
+def test_training_on_train_and_val_tests_the_last_weights(tmp_path: Path):
+    run = train(tmp_path, "--config", str(REPO / "configs/flowers17.yaml"), *TINY_FLOWERS,
+                "--data.train_on", "train+val", "--trainer.max_epochs", "2")
+    assert run.returncode == 0, run.stderr
+    output = run.stdout + run.stderr
+    assert "training on train + val (1020 images)" in output
+    assert "(checkpoint: last weights)" in output  # not one chosen on images it trained on
+
+    held_out = train(tmp_path, "--config", str(REPO / "configs/flowers17.yaml"), *TINY_FLOWERS,
+                     "--trainer.max_epochs", "2", "--fresh")
+    assert held_out.returncode == 0, held_out.stderr
+    assert "(checkpoint: " in held_out.stdout + held_out.stderr
+    assert "(checkpoint: last weights)" not in held_out.stdout + held_out.stderr
 
 
 @real_flowers

@@ -164,6 +164,11 @@ class ImageDataModule(L.LightningDataModule):
         return rank_zero_only.rank == 0 and (trainer is None or trainer.progress_bar_callback is not None)
 
     @property
+    def validation_held_out(self) -> bool:
+        """Whether the validation images are kept out of training, so a checkpoint may be chosen on them."""
+        return True
+
+    @property
     def testable(self) -> bool:
         """Whether there is a class-labelled test split for train.py to evaluate after fitting."""
         return True

@@ -41,6 +41,9 @@ NUM_IMAGES = PER_CLASS * len(CLASSES)  # 1360
 SPLIT_SIZES = {"train": 40 * len(CLASSES), "val": 20 * len(CLASSES), "test": 20 * len(CLASSES)}
 
 Targets = Literal["class", "instance"]
+# What the model trains on: the training split, or training + validation (the paper's "2040 images" are
+# Flowers-102's train + val), once the settings have been chosen on validation.
+TrainOn = Literal["train", "train+val"]
 
 
 def image_file(root: Path, k: int) -> Path:
@@ -188,6 +191,10 @@ class Flowers17DataModule(ImageDataModule):
     `targets: instance` turns it into the instance-discrimination pre-training task: every training
     image is its own class (680 of them), validation asks the model to recognise the un-augmented
     training images, and there is no test (the class labels are for fine-tuning).
+
+    `train_on: train+val` trains on the 1 020 images of both splits. Validation still runs on the val
+    images, but they are no longer held out: it then measures fit, `validation_held_out` is False and
+    train.py tests the last weights instead of a checkpoint chosen on it.
     """
 
     def __init__(
@@ -200,6 +207,7 @@ class Flowers17DataModule(ImageDataModule):
         cache_dir: str = "data/cache",
         crop_scale: tuple[float, float] = (0.35, 1.0),
         targets: Targets = "class",
+        train_on: TrainOn = "train",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         patch_size: int = 8,
@@ -217,6 +225,8 @@ class Flowers17DataModule(ImageDataModule):
             raise ConfigError(f"split must be 1, 2 or 3 (the three official splits), got {split}")
         if targets not in ("class", "instance"):
             raise ConfigError(f"targets must be 'class' or 'instance', got {targets!r}")
+        if train_on not in ("train", "train+val"):
+            raise ConfigError(f"train_on must be 'train' or 'train+val', got {train_on!r}")
         self.set_image(image_size, mean, std)
         # Twice the training size by default: random crops of the cached square keep their detail.
         self.cache_size = 2 * image_size if cache_size is None else cache_size
@@ -228,10 +238,12 @@ class Flowers17DataModule(ImageDataModule):
         self.cache_dir = Path(cache_dir)
         self.crop_scale = tuple(crop_scale)
         self.targets = targets
+        self.train_on = train_on
+        training = SPLIT_SIZES["train"] + (SPLIT_SIZES["val"] if train_on == "train+val" else 0)
         if targets == "class":
             self.num_classes, self.class_names = len(CLASSES), list(CLASSES)
-        else:  # one class per training image; both the official and the seeded split have 680
-            self.num_classes, self.class_names = SPLIT_SIZES["train"], None
+        else:  # one class per training image; both the official and the seeded split have 680 (+ 340)
+            self.num_classes, self.class_names = training, None
         self.split_used: str | None = None
         self.check_geometry()
         _ = self.train_transform  # built once now, so a bad crop_scale or augment fails at start-up
@@ -240,6 +252,10 @@ class Flowers17DataModule(ImageDataModule):
     def testable(self) -> bool:
         """Instance pre-training has no class-labelled test; fine-tuning tests."""
         return self.targets == "class"
+
+    @property
+    def validation_held_out(self) -> bool:
+        return self.train_on == "train"
 
     @property
     def train_transform(self) -> Callable:
@@ -279,10 +295,15 @@ class Flowers17DataModule(ImageDataModule):
             return
         dataset = Flowers17(self.root, self.cache_size, self.cache_dir, self.show_progress)
         parts = self.splits(dataset)
+        training = parts["train"]
+        if self.train_on == "train+val":
+            training = sorted(training + parts["val"])
+            rank_zero_info(f"Flowers-17: training on train + val ({len(training)} images); the validation "
+                           "metrics score images the model trains on")
         instance = self.targets == "instance"
-        self.train_set = TransformedSubset(dataset, parts["train"], self.train_transform, self.views, instance)
+        self.train_set = TransformedSubset(dataset, training, self.train_transform, self.views, instance)
         if instance:
-            self.val_set = TransformedSubset(dataset, parts["train"], self.eval_transform, instance_targets=True)
+            self.val_set = TransformedSubset(dataset, training, self.eval_transform, instance_targets=True)
         else:
             self.val_set = TransformedSubset(dataset, parts["val"], self.eval_transform)
             self.test_set = TransformedSubset(dataset, parts["test"], self.eval_transform)
