@@ -221,6 +221,13 @@ class ViTCLI(LightningCLI):
                 f"model.contrastive_weight > 0 compares two augmented views of each image, but data.views "
                 f"is {views}: set data.views: 2 (as configs/flowers17-contrastive.yaml does)"
             )
+        if not self.datamodule.validation_held_out:
+            # Validation scores images the model trains on: it soon reaches 100 % and stops improving,
+            # which early stopping would take for a plateau.
+            stoppers = [c for c in self.trainer.callbacks if isinstance(c, EarlyStopping)]
+            if stoppers:
+                self.trainer.callbacks = [c for c in self.trainer.callbacks if c not in stoppers]
+                rank_zero_info("Early stopping is off: the validation images are trained on (data.train_on)")
         if self.resume_checkpoint is not None:
             check_compatible(self.model, self.resume_checkpoint, self.resume_path)
         elif self.model.hparams.get("init_from") and not Path(self.model.hparams.init_from).is_file():

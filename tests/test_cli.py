@@ -166,6 +166,14 @@ def test_print_config_shows_the_default_recipe(tmp_path: Path):
     assert not (tmp_path / "data").exists()  # printing the config downloads and writes nothing
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_recipe_parses(tmp_path: Path, config: str):
+    # A misspelt or retired key in a recipe fails here, not after a user's download.
+    result = train(tmp_path, "--config", str(REPO / "configs" / config), "--print_config")
+    assert result.returncode == 0, result.stderr
+    assert "class_path: src.data." in result.stdout
+
+
 def test_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)

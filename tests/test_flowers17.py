@@ -254,6 +254,7 @@ def test_training_on_train_and_val_tests_the_last_weights(tmp_path: Path):
     assert run.returncode == 0, run.stderr
     output = run.stdout + run.stderr
     assert "training on train + val (1020 images)" in output
+    assert "Early stopping is off" in output  # validation on trained images reaches 100 % and stays
     assert "(checkpoint: last weights)" in output  # not one chosen on images it trained on
 
     held_out = train(tmp_path, "--config", str(REPO / "configs/flowers17.yaml"), *TINY_FLOWERS,
@@ -261,6 +262,7 @@ def test_training_on_train_and_val_tests_the_last_weights(tmp_path: Path):
     assert held_out.returncode == 0, held_out.stderr
     assert "(checkpoint: " in held_out.stdout + held_out.stderr
     assert "(checkpoint: last weights)" not in held_out.stdout + held_out.stderr
+    assert "Early stopping is off" not in held_out.stdout + held_out.stderr
 
 
 @real_flowers
