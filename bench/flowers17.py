@@ -8,8 +8,8 @@ one; the difference is the cost of an epoch, start-up excluded, and spans one ro
 pictures, which come every 5 epochs), so every run completes its warm-up + cosine
 schedule instead of being cut off mid-way; `--trainer.max_time` is set as well, as a hard stop.
 Pre-train + fine-tune splits the budget (`--pretrain-share`). Every run starts fresh in its own
-folder; the test accuracy of the checkpoint chosen on validation and the wall time are printed per
-method, then a table.
+folder; the test accuracy of the checkpoint chosen on validation (of the last weights with
+`-- --data.train_on train+val`) and the wall time are printed per method, then a table.
 """
 
 from __future__ import annotations
