@@ -21,7 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from accuracy import test_accuracy, train  # bench/ is the script's folder
+import yaml
+
+from accuracy import REPO, test_accuracy, train  # bench/ is the script's folder
 
 PICTURES_EVERY = 5  # the CLI's default --pictures.every_n_epochs
 
@@ -44,6 +46,11 @@ def seconds_per_epoch(config: str, common: list[str], scratch: Path) -> tuple[fl
         sys.exit(f"{config}: calibration failed: {1 + PICTURES_EVERY} epochs took {times[2]:.1f} s, "
                  f"1 epoch {times[1]:.1f} s")
     return times[1] - per_epoch, per_epoch
+
+
+def last_checkpoint(config: str, folder: Path) -> Path:
+    """The last.ckpt a run of `config` in `folder` writes (its `checkpoint.dirpath`, relative to `folder`)."""
+    return folder / yaml.safe_load((REPO / config).read_text())["checkpoint"]["dirpath"] / "last.ckpt"
 
 
 def epochs_done(checkpoint: Path) -> int:
@@ -84,19 +91,18 @@ def main() -> None:
             pre_plan = plan("configs/flowers17-pretrain.yaml", pre_budget)
             fine_plan = plan("configs/flowers17-finetune.yaml", args.budget - pre_budget)
             _, pre_seconds, _ = train("configs/flowers17-pretrain.yaml", [*common, *pre_plan], folder)
-            backbone = folder / "data/lightning/flowers17-pretrain/last.ckpt"
+            backbone = last_checkpoint("configs/flowers17-pretrain.yaml", folder)
             _, seconds, output = train("configs/flowers17-finetune.yaml",
                                     [*common, *fine_plan, "--model.init_from", str(backbone)], folder)
             seconds += pre_seconds
-            finetuned = folder / "data/lightning/flowers17-finetune/last.ckpt"
+            finetuned = last_checkpoint("configs/flowers17-finetune.yaml", folder)
             epochs = f"{epochs_done(backbone)} + {epochs_done(finetuned)} ({pre_plan[1]} + {fine_plan[1]})"
         else:
             config = {"supervised": "configs/flowers17.yaml",
                       "contrastive": "configs/flowers17-contrastive.yaml"}[method]
             run_plan = plan(config, args.budget)
             _, seconds, output = train(config, [*common, *run_plan], folder)
-            dirpath = {"supervised": "flowers17", "contrastive": "flowers17-contrastive"}[method]
-            epochs = f"{epochs_done(folder / 'data/lightning' / dirpath / 'last.ckpt')} ({run_plan[1]})"
+            epochs = f"{epochs_done(last_checkpoint(config, folder))} ({run_plan[1]})"
         split = re.search(r"Flowers-17: (.*?): \d+ train", output)
         rows.append((method, epochs, seconds, test_accuracy(output)))
         print(f"{method}: test acc {rows[-1][3]:.4f} after {epochs} epochs in {seconds:.0f} s "
