@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import ActionYesNo, ArgumentError
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
@@ -16,40 +15,18 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from src.callbacks import KeepLoggerVersion, StepCheckpoint, StopOnSignal, TensorBoardPictures
+from src.callbacks import KeepLoggerVersion, StepCheckpoint, StopOnSignal, TensorBoardPictures, TimeBudget
 from src.checkpoints import SafeCheckpointIO, load_for_resume, remove_partial_files, saved_hparams
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule
 from src.errors import ConfigError, UserError
+from src.hardware import default_precision, default_recipe
 from src.models.classifier import ARCHITECTURE, ViTClassifier
 
 ROOT_DIR = "data/lightning"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10.yaml"
 
 # Values the model must agree with the data on; the DataModule is the single source of each.
 LINKED_FROM_DATA = ("num_classes", "class_names", "image_size", "patch_size", "mean", "std")
-
-
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up defensively
-    return bool(probe and probe())
-
-
-def default_precision(accelerator: str | Any) -> str:
-    """bf16-mixed on CUDA that supports it and on CPUs with AMX, 16-mixed on older CUDA, else 32-bit.
-
-    AMX multiplies bfloat16 matrices 6-15x faster than float32 on the 2-core Xeon measured in
-    bench/RESULTS.md, which makes training 1.4-2.4x faster than float32; without it (AVX-512 BF16 alone, Apple
-    MPS) bf16 was not measured to pay, so those stay in float32.
-    """
-    wants_cuda = accelerator in ("auto", "cuda", "gpu")
-    if wants_cuda and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    mps = accelerator in ("auto", "mps") and torch.backends.mps.is_available()
-    if accelerator in ("auto", "cpu") and not mps and cpu_has_bf16_matrix_units():
-        return "bf16-mixed"
-    return "32-true"
 
 
 class ViTCLI(LightningCLI):
@@ -59,6 +36,7 @@ class ViTCLI(LightningCLI):
         self.resume_checkpoint: dict | None = None
         self.resume_path: Path | None = None
         self.last_path: Path | None = None  # <checkpoint.dirpath>/last.ckpt, set once the config is parsed
+        self.given: set[str] = set()  # the flags on the command line (not from a config file)
         super().__init__(
             ViTClassifier,
             ImageDataModule,
@@ -79,16 +57,19 @@ class ViTCLI(LightningCLI):
                     # not with a placeholder hp_metric at the start.
                     "init_args": {"save_dir": ROOT_DIR, "default_hp_metric": False},
                 },
-                "callbacks": [KeepLoggerVersion(), StopOnSignal()],
+                "callbacks": [KeepLoggerVersion(), StopOnSignal(), TimeBudget()],
             },
             **kwargs,
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
-        """Parse the command line (or `args`), reading configs/cifar10.yaml when no --config is given."""
+        """Parse the command line (or `args`); without --config, the recipe for this machine's hardware."""
         args = sys.argv[1:] if args is None else list(args)
-        if not any(a == "--config" or a.startswith("--config=") for a in args):
-            args = ["--config", str(DEFAULT_CONFIG), *args]
+        self.given = {a.split("=", 1)[0] for a in args if a.startswith("--")}  # the flags typed, not the configs'
+        if "--config" not in self.given:
+            recipe, why = default_recipe(flag_value(args, "--trainer.accelerator") or "auto")
+            rank_zero_info(f"Recipe: configs/{recipe.name} ({why}); choose another with --config")
+            args = ["--config", str(recipe), *args]
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as error:
@@ -162,7 +143,13 @@ class ViTCLI(LightningCLI):
         if not 0.0 <= config.ema < 1.0:
             raise ConfigError(f"--ema is a decay in [0, 1) (0 = off), got {config.ema}")
         if config.trainer.precision is None:
-            config.trainer.precision = default_precision(config.trainer.accelerator)
+            config.trainer.precision, why = default_precision(config.trainer.accelerator)
+            rank_zero_info(f"Precision: {config.trainer.precision} ({why}); override with --trainer.precision")
+        if config.trainer.max_time and "--trainer.max_time" in self.given and "--trainer.max_epochs" not in self.given:
+            # A budget typed on the command line sets the length: the recipe's epoch count stops capping it.
+            rank_zero_info(f"Time budget {config.trainer.max_time}: training and its learning-rate schedule fill "
+                           f"it (the recipe's max_epochs {config.trainer.max_epochs} no longer caps it)")
+            config.trainer.max_epochs = -1
         models_dir = Path(config.checkpoint.dirpath)
         last = self.last_path = models_dir / "last.ckpt"
         # Found now rather than after an epoch's work, when the first checkpoint is written.
@@ -235,6 +222,17 @@ class ViTCLI(LightningCLI):
                 f"model.init_from: {self.model.hparams.init_from} does not exist; train the backbone first "
                 "(e.g. python train.py --config configs/flowers17-pretrain.yaml) or pass --model.init_from PATH"
             )
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value given to `flag` in a raw argument list (`--flag value` or `--flag=value`), last one wins."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(f"{flag}="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def check_writable(folder: Path, option: str) -> None:

@@ -13,7 +13,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, write_image_folder
-from src.cli import default_precision
+from src.cli import ViTCLI
+from src.hardware import default_precision
 from src.data import ImageFolderDataModule
 from src.data.transforms import eval_transform
 from src.models.classifier import ViTClassifier
@@ -174,19 +175,69 @@ def test_every_recipe_parses(tmp_path: Path, config: str):
     assert "class_path: src.data." in result.stdout
 
 
-def test_precision_follows_the_hardware(monkeypatch):
+def cpu_machine(monkeypatch, amx: bool = False, avx512_bf16: bool = False) -> None:
+    """Pretend to be a machine with no CUDA or MPS and a CPU with the given bf16 units."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert default_precision("auto") == "32-true"
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # a CPU with bf16 matrix units
-    assert default_precision("auto") == "bf16-mixed"
-    assert default_precision("cpu") == "bf16-mixed"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, expected, reason",
+    [
+        (True, True, "bf16-mixed", "AMX"),  # Intel Xeon (Sapphire Rapids and later): AMX and AVX-512 BF16
+        (False, True, "bf16-mixed", "AVX-512 BF16"),  # AMD EPYC Zen 4 and later, Intel Cooper Lake
+        (False, False, "32-true", "without AMX or AVX-512 BF16"),  # AVX2 CPUs: bf16 would be 15x slower
+    ],
+)
+def test_cpu_precision_follows_its_bf16_units(monkeypatch, amx, avx512_bf16, expected, reason):
+    cpu_machine(monkeypatch, amx, avx512_bf16)
+    for accelerator in ("auto", "cpu"):
+        precision, why = default_precision(accelerator)
+        assert precision == expected and reason in why
+
+
+def test_gpu_and_mps_precision(monkeypatch):
+    cpu_machine(monkeypatch, amx=True)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert default_precision("auto") == "32-true"  # Apple silicon: auto picks MPS, which stays float32
+    assert default_precision("auto")[0] == "32-true"  # Apple silicon: auto picks MPS, which stays float32
+    assert default_precision("cpu")[0] == "bf16-mixed"  # the CPU asked for by name
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert default_precision("auto") == "bf16-mixed"
-    assert default_precision("mps") == "32-true"
+    assert default_precision("auto")[0] == "bf16-mixed"
+    assert default_precision("mps")[0] == "32-true"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert default_precision("gpu") == "16-mixed"
+    assert default_precision("gpu")[0] == "16-mixed"
+
+
+def print_config(monkeypatch, capsys, caplog, *args: str) -> tuple[str, str]:
+    """`python train.py ARGS --print_config` in this process (so CUDA can be mocked): (config, log)."""
+    monkeypatch.chdir(REPO)
+    caplog.clear()
+    with caplog.at_level("INFO"), pytest.raises(SystemExit) as done:
+        ViTCLI(args=[*args, "--print_config"])
+    assert done.value.code in (0, None)
+    return capsys.readouterr().out, caplog.text
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_default_recipe_follows_the_hardware(monkeypatch, capsys, caplog, cuda: bool):
+    cpu_machine(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    config, log = print_config(monkeypatch, capsys, caplog)
+    recipe, dim = ("cifar10.yaml", 256) if cuda else ("cifar10-cpu.yaml", 128)
+    assert f"Recipe: configs/{recipe} ({'a CUDA GPU' if cuda else 'no CUDA GPU'}" in log
+    assert f"  dim: {dim}\n" in config
+    if cuda:  # on a CUDA machine, asking for the CPU gets the CPU recipe
+        config, log = print_config(monkeypatch, capsys, caplog, "--trainer.accelerator", "cpu")
+        assert "Recipe: configs/cifar10-cpu.yaml" in log and "  dim: 128\n" in config
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_an_explicit_config_always_wins(monkeypatch, capsys, caplog, cuda: bool):
+    cpu_machine(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    for config, dim in (("configs/cifar10.yaml", 256), ("configs/cifar10-cpu.yaml", 128)):
+        printed, log = print_config(monkeypatch, capsys, caplog, "--config", config)
+        assert "Recipe:" not in log and f"  dim: {dim}\n" in printed
