@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from src.errors import ConfigError
+from src.models.classifier import WarmupCosine
 from src.visualize import attention_rollout, confusion_figure, prediction_figure, to_pixels
 
 # Beyond this a confusion matrix is unreadable and slow to draw.
@@ -105,6 +108,84 @@ class StopOnSignal(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore()
+
+
+class TimeBudget(Callback):
+    """With --trainer.max_time, fit the learning-rate schedule to the time: warm-up as configured, then
+    the cosine reaches min_lr at the deadline and training stops there.
+
+    The deadline is max_time on Lightning's training clock (its Timer, which a resumed run restores)
+    less a reserve for the final validation and the test: three times the longest of the recent
+    validations. The schedule's cosine progress is the share of the time between the end of warm-up
+    and the deadline already used; with max_epochs too, it ends at whichever comes first.
+    """
+
+    RECENT = 5  # validations that set the reserve; one of each five draws the TensorBoard pictures
+
+    def __init__(self) -> None:
+        self.warmup_end: float | None = None  # training-clock seconds when warm-up ended
+        self.validations: list[float] = []  # seconds of the recent validations
+        self._timer: Timer | None = None
+        self._validation_start = 0.0
+
+    @property
+    def reserve(self) -> float:
+        """Seconds kept after the deadline: the final validation and a test up to twice its size."""
+        return 3 * max(self.validations, default=0.0)
+
+    def deadline(self) -> float:
+        """When the cosine ends and training stops, in training-clock seconds."""
+        return self._timer.time_elapsed() + self._timer.time_remaining() - self.reserve
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None),
+                           None)
+        if self._timer is not None:
+            rank_zero_info(f"Time budget: the learning rate reaches min_lr at the deadline, "
+                           f"{self._timer.time_remaining() / 60:.1f} min of training from now less the time the "
+                           "final validation and test will take")
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        schedule = self._schedule(trainer)
+        if self._timer is None or schedule is None:
+            return
+        elapsed = self._timer.time_elapsed()
+        if self.warmup_end is None and trainer.global_step >= schedule.warmup_steps:
+            self.warmup_end = elapsed
+        progress = 0.0
+        if self.warmup_end is not None:
+            progress = (elapsed - self.warmup_end) / max(1e-9, self.deadline() - self.warmup_end)
+        # Every rank must step with the same learning rate, so rank 0's clock decides.
+        schedule.time_progress = trainer.strategy.broadcast(min(1.0, max(0.0, progress)))
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        if self._timer is None or not trainer.strategy.broadcast(self._timer.time_elapsed() >= self.deadline()):
+            return
+        trainer.should_stop = True
+        every = trainer.check_val_every_n_epoch
+        if every and (trainer.current_epoch + 1) % every and trainer.checkpoint_callback is not None:
+            # No validation ends this epoch, so no checkpoint would hold the schedule's final weights
+            # (init_from reads them from last.ckpt): save them, as a stop on a signal does.
+            trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validation_start = time.monotonic()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validations = [*self.validations, time.monotonic() - self._validation_start][-self.RECENT:]
+
+    @staticmethod
+    def _schedule(trainer: Trainer) -> WarmupCosine | None:
+        configs = trainer.lr_scheduler_configs
+        return configs[0].scheduler if configs and isinstance(configs[0].scheduler, WarmupCosine) else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warmup_end": self.warmup_end, "validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.warmup_end = state_dict.get("warmup_end")
+        self.validations = list(state_dict.get("validations", []))
 
 
 class TensorBoardPictures(Callback):

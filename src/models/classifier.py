@@ -6,7 +6,6 @@ import importlib.util
 import math
 import os
 import shutil
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -23,22 +22,50 @@ from src.checkpoints import read_checkpoint
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, patchify, unpatchify
 from src.errors import ConfigError, DivergedError
 from src.models.losses import ProjectionHead, info_nce
-from src.models.vit import Tokenizer, ViT
+from src.models.vit import Pool, Tokenizer, ViT
 
 
 # The hyperparameters that fix the ViT's shape: a checkpoint's weights fit exactly the models built
 # with the same values (dropout and drop path change training, not the weights' layout).
-ARCHITECTURE = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "tokenizer")
+ARCHITECTURE = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "tokenizer",
+                "global_pool")
 # Everything but the head: what a pre-trained backbone must share with the model it initialises.
 BACKBONE = tuple(k for k in ARCHITECTURE if k != "num_classes")
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear from ~0 to 1 over `warmup_steps`, then cosine down to `min_ratio`."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: float,
+                  time_progress: float = 0.0) -> float:
+    """LR multiplier: linear from ~0 to 1 over `warmup_steps`, then cosine down to `min_ratio`.
+
+    The cosine ends at `total_steps` or when `time_progress` (the share of a time budget's
+    post-warm-up time already used) reaches 1, whichever comes first; `total_steps` may be inf.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_progress)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """`warmup_cosine` as a per-step scheduler. `time_progress` is kept current by the TimeBudget
+    callback when the run has a --trainer.max_time; without one it stays 0 and the steps decide."""
+
+    # Planned from this run's settings; a resumed run restores its position, not an old plan.
+    PLAN = ("warmup_steps", "total_steps", "min_ratio")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: float,
+                 min_ratio: float) -> None:
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        self.time_progress = 0.0
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        factor = warmup_cosine(self.last_epoch, self.warmup_steps, self.total_steps, self.min_ratio,
+                               self.time_progress)
+        return [base * factor for base in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in super().state_dict().items() if k not in self.PLAN}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -127,6 +154,7 @@ class ViTClassifier(L.LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         tokenizer: Tokenizer = "patch",
+        global_pool: Pool = "token",
         contrastive_weight: float = 0.0,
         temperature: float = 0.1,
         projection_dim: int = 128,
@@ -169,6 +197,7 @@ class ViTClassifier(L.LightningModule):
             dropout=dropout,
             drop_path=drop_path,
             tokenizer=tokenizer,
+            global_pool=global_pool,
         )
         self.mix = batch_mix(mixup_alpha, cutmix_alpha, num_classes)
         # Only built when used: a run without the contrastive term pays nothing and saves no extra weights.
@@ -210,7 +239,7 @@ class ViTClassifier(L.LightningModule):
                     f"contrastive_weight > 0 needs two augmented views per image, the batches hold {views}: "
                     "set data.views: 2"
                 )
-            z1, z2 = self.projector(features[:, 0]).chunk(2)  # (B, projection_dim) each
+            z1, z2 = self.projector(self.model.pool(features)).chunk(2)  # (B, projection_dim) each
             contrastive = info_nce(z1, z2, hp.temperature)
             self.log_dict({"train/ce": loss, "train/contrastive": contrastive}, on_step=True, on_epoch=False)
             loss = loss + hp.contrastive_weight * contrastive
@@ -282,12 +311,11 @@ class ViTClassifier(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(param_groups(self, hp.weight_decay), lr=hp.lr, betas=hp.betas)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        # estimated_stepping_batches has loaded the train loader, so the epoch length is known.
+        # inf when only --trainer.max_time bounds the run: then the time budget ends the cosine.
+        total_steps = self.trainer.estimated_stepping_batches
+        if self.trainer.train_dataloader is None:  # an unbounded run did not need it for the estimate
+            self.trainer.fit_loop.setup_data()
         steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
-        warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps)
-        schedule = partial(
-            warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=hp.min_lr / hp.lr
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        warmup_steps = int(min(hp.warmup_epochs * steps_per_epoch, total_steps))
+        scheduler = WarmupCosine(optimizer, warmup_steps, total_steps, hp.min_lr / hp.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
