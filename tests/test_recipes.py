@@ -69,18 +69,30 @@ def test_conv_tokenizer_needs_a_power_of_two_patch():
         ViT(num_classes=10, tokenizer="hexagons")
 
 
-def test_checkpoints_from_before_the_tokenizer_option_still_fit(tmp_path: Path):
+@pytest.mark.parametrize("option, old, new", [("tokenizer", "patch", "conv"), ("global_pool", "token", "avg")])
+def test_checkpoints_from_before_an_architecture_option_still_fit(tmp_path: Path, option, old, new):
     model = ViTClassifier(**TINY)
-    hparams = {k: v for k, v in model.hparams.items() if k != "tokenizer"}
+    hparams = {k: v for k, v in model.hparams.items() if k != option}
     checkpoint = {"hyper_parameters": hparams, "state_dict": model.state_dict()}
-    check_compatible(model, checkpoint, tmp_path / "old.ckpt")  # read as tokenizer: patch
+    check_compatible(model, checkpoint, tmp_path / "old.ckpt")  # read with the option's old value
     torch.save(checkpoint, tmp_path / "old.ckpt")
-    assert load_classifier(tmp_path / "old.ckpt").model.embed.proj.__class__ is torch.nn.Linear
+    rebuilt = load_classifier(tmp_path / "old.ckpt")
+    assert rebuilt.hparams[option] == old
+    assert rebuilt.model.embed.proj.__class__ is torch.nn.Linear and rebuilt.model.global_pool == "token"
     ViTClassifier(**TINY).load_backbone(tmp_path / "old.ckpt")
-    with pytest.raises(ConfigError, match="tokenizer='patch'"):
-        check_compatible(ViTClassifier(**TINY, tokenizer="conv"), checkpoint, tmp_path / "old.ckpt")
-    with pytest.raises(ConfigError, match="tokenizer='patch'"):
-        ViTClassifier(**TINY, tokenizer="conv").load_backbone(tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match=f"{option}='{old}'"):
+        check_compatible(ViTClassifier(**TINY, **{option: new}), checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match=f"{option}='{old}'"):
+        ViTClassifier(**TINY, **{option: new}).load_backbone(tmp_path / "old.ckpt")
+
+
+def test_average_pooling_classifies_the_mean_patch_token():
+    torch.manual_seed(0)
+    model = ViT(num_classes=10, image_size=32, patch_size=8, dim=32, depth=1, num_heads=2, global_pool="avg")
+    features = model.forward_features(torch.randn(3, 16, 192))  # (B, 1+16, D)
+    assert torch.allclose(model.forward_head(features), model.head(features[:, 1:].mean(dim=1)))
+    with pytest.raises(ConfigError, match="global_pool"):
+        ViT(num_classes=10, global_pool="max")
 
 
 @pytest.mark.parametrize("mixup, cutmix, kind", [(0.8, 0.0, v2.MixUp), (0.0, 1.0, v2.CutMix),

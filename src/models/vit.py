@@ -16,6 +16,9 @@ from src.errors import ConfigError
 # convolutional stem over the image the patches were cut from (Xiao et al. 2021, "Early
 # convolutions help transformers see better"), which gives a small-data ViT a CNN's locality.
 Tokenizer = Literal["patch", "conv"]
+# What the head classifies: the class token (the ViT paper), or the mean of the patch tokens (timm's
+# global_pool='avg'), which uses every token's output and suits small-data ViTs (Chen et al. 2021).
+Pool = Literal["token", "avg"]
 
 
 class ConvStem(nn.Module):
@@ -166,6 +169,7 @@ class ViT(nn.Module):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         tokenizer: Tokenizer = "patch",
+        global_pool: Pool = "token",
     ) -> None:
         super().__init__()
         for name, value in [("num_classes", num_classes), ("image_size", image_size),
@@ -180,6 +184,9 @@ class ViT(nn.Module):
         for name, value in [("dropout", dropout), ("drop_path", drop_path)]:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        if global_pool not in ("token", "avg"):
+            raise ConfigError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        self.global_pool = global_pool
 
         self.num_patches = (image_size // patch_size) ** 2
         self.embed = ImageEmbedding(patch_size * patch_size * in_channels, self.num_patches, dim, dropout,
@@ -204,9 +211,13 @@ class ViT(nn.Module):
         """Normalised token features (B, N+1, D); index 0 is the class token."""
         return self.norm(self.blocks(self.embed(patches)))
 
+    def pool(self, features: Tensor) -> Tensor:
+        """One vector per image (B, D) from `forward_features`: the class token, or the patch tokens' mean."""
+        return features[:, 0] if self.global_pool == "token" else features[:, 1:].mean(dim=1)
+
     def forward_head(self, features: Tensor) -> Tensor:
-        """Logits (B, num_classes) from the class token of `forward_features`."""
-        return self.head(features[:, 0])
+        """Logits (B, num_classes) from the pooled `forward_features`."""
+        return self.head(self.pool(features))
 
     def forward(self, patches: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(patches))
