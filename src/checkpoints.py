@@ -126,7 +126,7 @@ def load_for_resume(last: Path) -> tuple[Path, dict]:
 
 
 # What a checkpoint saved before a hyperparameter existed was trained with.
-ARCHITECTURE_DEFAULTS = {"tokenizer": "patch", "global_pool": "token"}
+ARCHITECTURE_DEFAULTS = {"tokenizer": "patch", "global_pool": "token", "stem_width": 0}
 
 
 def saved_hparams(hparams: dict) -> dict:

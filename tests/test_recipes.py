@@ -69,21 +69,33 @@ def test_conv_tokenizer_needs_a_power_of_two_patch():
         ViT(num_classes=10, tokenizer="hexagons")
 
 
-@pytest.mark.parametrize("option, old, new", [("tokenizer", "patch", "conv"), ("global_pool", "token", "avg")])
-def test_checkpoints_from_before_an_architecture_option_still_fit(tmp_path: Path, option, old, new):
-    model = ViTClassifier(**TINY)
+@pytest.mark.parametrize("base, option, old, new", [
+    ({}, "tokenizer", "patch", "conv"),
+    ({}, "global_pool", "token", "avg"),
+    ({"tokenizer": "conv"}, "stem_width", 0, 32),
+])
+def test_checkpoints_from_before_an_architecture_option_still_fit(tmp_path: Path, base, option, old, new):
+    model = ViTClassifier(**TINY, **base)
     hparams = {k: v for k, v in model.hparams.items() if k != option}
     checkpoint = {"hyper_parameters": hparams, "state_dict": model.state_dict()}
     check_compatible(model, checkpoint, tmp_path / "old.ckpt")  # read with the option's old value
     torch.save(checkpoint, tmp_path / "old.ckpt")
     rebuilt = load_classifier(tmp_path / "old.ckpt")
     assert rebuilt.hparams[option] == old
-    assert rebuilt.model.embed.proj.__class__ is torch.nn.Linear and rebuilt.model.global_pool == "token"
-    ViTClassifier(**TINY).load_backbone(tmp_path / "old.ckpt")
-    with pytest.raises(ConfigError, match=f"{option}='{old}'"):
-        check_compatible(ViTClassifier(**TINY, **{option: new}), checkpoint, tmp_path / "old.ckpt")
-    with pytest.raises(ConfigError, match=f"{option}='{old}'"):
-        ViTClassifier(**TINY, **{option: new}).load_backbone(tmp_path / "old.ckpt")
+    assert all(torch.equal(rebuilt.model.state_dict()[k], v) for k, v in model.model.state_dict().items())
+    ViTClassifier(**TINY, **base).load_backbone(tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match=f"{option}={old!r}"):
+        check_compatible(ViTClassifier(**TINY, **{**base, option: new}), checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match=f"{option}={old!r}"):
+        ViTClassifier(**TINY, **{**base, option: new}).load_backbone(tmp_path / "old.ckpt")
+
+
+def test_stem_width_sets_the_conv_stems_channels():
+    widths = lambda model: [stage[0].out_channels for stage in model.embed.proj.convs]  # noqa: E731
+    assert widths(ViT(num_classes=10, patch_size=8, dim=128, num_heads=4, tokenizer="conv")) == [16, 32, 64]  # dim / P up
+    assert widths(ViT(num_classes=10, patch_size=8, dim=128, num_heads=4, tokenizer="conv", stem_width=32)) == [32, 64, 128]
+    with pytest.raises(ConfigError, match="stem_width"):
+        ViT(num_classes=10, stem_width=32)  # the patch projection has no stem
 
 
 def test_average_pooling_classifies_the_mean_patch_token():

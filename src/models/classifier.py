@@ -28,7 +28,7 @@ from src.models.vit import Pool, Tokenizer, ViT
 # The hyperparameters that fix the ViT's shape: a checkpoint's weights fit exactly the models built
 # with the same values (dropout and drop path change training, not the weights' layout).
 ARCHITECTURE = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "tokenizer",
-                "global_pool")
+                "global_pool", "stem_width")
 # Everything but the head: what a pre-trained backbone must share with the model it initialises.
 BACKBONE = tuple(k for k in ARCHITECTURE if k != "num_classes")
 
@@ -155,6 +155,7 @@ class ViTClassifier(L.LightningModule):
         cutmix_alpha: float = 0.0,
         tokenizer: Tokenizer = "patch",
         global_pool: Pool = "token",
+        stem_width: int = 0,
         contrastive_weight: float = 0.0,
         temperature: float = 0.1,
         projection_dim: int = 128,
@@ -198,6 +199,7 @@ class ViTClassifier(L.LightningModule):
             drop_path=drop_path,
             tokenizer=tokenizer,
             global_pool=global_pool,
+            stem_width=stem_width,
         )
         self.mix = batch_mix(mixup_alpha, cutmix_alpha, num_classes)
         # Only built when used: a run without the contrastive term pays nothing and saves no extra weights.

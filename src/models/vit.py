@@ -25,16 +25,20 @@ class ConvStem(nn.Module):
     """Patches -> tokens through stride-2 3x3 convolutions (BatchNorm, ReLU) and a 1x1 projection.
 
     log2(P) stride-2 convolutions shrink the image by the patch size, so the stem yields exactly the
-    tokens the linear projection would: one per patch, in the same order. Widths double up to dim / 2.
+    tokens the linear projection would: one per patch, in the same order. Widths double at each
+    stage from `width`, or by default from dim / P (up to dim / 2); Xiao et al. double up to dim.
     """
 
-    def __init__(self, patch_size: int, dim: int, in_channels: int = 3) -> None:
+    def __init__(self, patch_size: int, dim: int, in_channels: int = 3, width: int = 0) -> None:
         super().__init__()
         stages = patch_size.bit_length() - 1
         if patch_size < 2 or 2**stages != patch_size:
             raise ConfigError(f"tokenizer 'conv' needs a patch_size that is a power of 2 (2, 4, 8, ...), got {patch_size}")
         self.patch_size = patch_size
-        widths = [max(16, dim >> (stages - i)) for i in range(stages)]  # e.g. dim 192, P 4: 48, 96
+        if width:  # the first convolution's channels, doubling at each stage
+            widths = [width << i for i in range(stages)]
+        else:
+            widths = [max(16, dim >> (stages - i)) for i in range(stages)]  # e.g. dim 192, P 4: 48, 96
         layers, width = [], in_channels
         for out in widths:
             layers.append(Conv2dNormActivation(width, out, kernel_size=3, stride=2))  # conv, BN, ReLU
@@ -59,6 +63,7 @@ class ImageEmbedding(nn.Module):
         dropout: float = 0.0,
         tokenizer: Tokenizer = "patch",
         patch_size: int | None = None,
+        stem_width: int = 0,
     ) -> None:
         super().__init__()
         if tokenizer == "patch":
@@ -66,7 +71,7 @@ class ImageEmbedding(nn.Module):
         elif tokenizer == "conv":
             if patch_size is None:
                 raise ConfigError("tokenizer 'conv' needs the patch_size")
-            self.proj = ConvStem(patch_size, dim, patch_dim // (patch_size * patch_size))
+            self.proj = ConvStem(patch_size, dim, patch_dim // (patch_size * patch_size), stem_width)
         else:
             raise ConfigError(f"tokenizer must be 'patch' or 'conv', got {tokenizer!r}")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -170,6 +175,7 @@ class ViT(nn.Module):
         drop_path: float = 0.0,
         tokenizer: Tokenizer = "patch",
         global_pool: Pool = "token",
+        stem_width: int = 0,
     ) -> None:
         super().__init__()
         for name, value in [("num_classes", num_classes), ("image_size", image_size),
@@ -184,13 +190,16 @@ class ViT(nn.Module):
         for name, value in [("dropout", dropout), ("drop_path", drop_path)]:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        if stem_width < 0 or (stem_width and tokenizer != "conv"):
+            raise ConfigError(f"stem_width sizes the conv stem (tokenizer 'conv'): 0 (dim / patch_size) or a "
+                              f"positive channel count; got {stem_width} with tokenizer {tokenizer!r}")
         if global_pool not in ("token", "avg"):
             raise ConfigError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.global_pool = global_pool
 
         self.num_patches = (image_size // patch_size) ** 2
         self.embed = ImageEmbedding(patch_size * patch_size * in_channels, self.num_patches, dim, dropout,
-                                    tokenizer, patch_size)
+                                    tokenizer, patch_size, stem_width)
         # Stochastic depth grows linearly with depth: early blocks are almost always kept.
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.Sequential(
