@@ -93,9 +93,16 @@ class SafeCheckpointIO(TorchCheckpointIO):
             )
         try:
             atomic_save(checkpoint, path)
-        except OSError as error:
-            why = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
-                error.strerror or type(error).__name__)
+        except (OSError, RuntimeError) as error:
+            if isinstance(error, OSError):
+                why = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else (
+                    error.strerror or type(error).__name__)
+            elif "unexpected pos" in str(error):
+                # torch's zip writer reports a short write, which a full disk or a file-size limit
+                # makes, as a RuntimeError about the file position, not as an OSError.
+                why = "the disk is full or the file size limit reached"
+            else:
+                raise
             raise CheckpointWriteError(
                 f"could not write checkpoint {path} ({why}: {error}); the previous checkpoints in "
                 f"{path.parent} are intact. Free some space or choose a writable --checkpoint.dirpath, "

@@ -163,6 +163,21 @@ def test_checkpoint_writer_is_atomic_and_refuses_nan(tmp_path: Path):
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
 
+    class ShortWrite:  # how torch's zip writer reports a write the disk cut short
+        def __reduce__(self):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 573504 vs 573396")
+
+    with pytest.raises(CheckpointWriteError, match="the disk is full or the file size limit reached"):
+        io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "x": ShortWrite()}, path)
+    assert path.read_bytes() == good
+
+    class Bug:  # any other error is not dressed up as a full disk
+        def __reduce__(self):
+            raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "x": Bug()}, path)
+
 
 def limit_file_size(limit: int):
     """For a child process: files larger than `limit` bytes cannot be written (EFBIG), like a full disk."""
@@ -231,7 +246,7 @@ def test_two_process_cpu_ddp_matches_one_process(tmp_path: Path):
               "--trainer.precision", "32-true",  # bf16 rounding would hide the 5e-7 agreement asked for
               # Per-rank randomness (MixUp/CutMix partners, erasing, views) and per-rank BatchNorm
               # statistics (the conv stem) would make the runs differ by design, not by a bug.
-              "--model.tokenizer", "patch", "--model.mixup_alpha", "0", "--model.cutmix_alpha", "0",
+              "--model.tokenizer", "patch", "--model.stem_width", "0", "--model.mixup_alpha", "0", "--model.cutmix_alpha", "0",
               "--data.views", "1", "--data.erase_prob", "0"]
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
@@ -245,7 +260,7 @@ def test_two_process_cpu_ddp_matches_one_process(tmp_path: Path):
     weights_one, val_one = final_state(tmp_path / "one")
     weights_two, val_two = final_state(tmp_path / "two")
     seed_everything(42)  # as train.py does, so this is the runs' initialisation
-    initial = ViTClassifier(num_classes=3, image_size=16, patch_size=4, dim=16, depth=1, num_heads=2,
+    initial = ViTClassifier(num_classes=3, image_size=16, patch_size=8, dim=16, depth=1, num_heads=2,
                             class_names=["class_0", "class_1", "class_2"])
     moved = max((weights_one[k] - initial.state_dict()[k]).abs().max().item() for k in weights_one)
     differ = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
