@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from src.errors import ConfigError
-from src.models.classifier import WarmupCosine
+from src.models.classifier import WarmupCosine, evaluation_logits
 from src.visualize import attention_rollout, confusion_figure, prediction_figure, to_pixels
 
 # Beyond this a confusion matrix is unreadable and slow to draw.
@@ -228,7 +228,8 @@ class TensorBoardPictures(Callback):
         samples = [val_set[i] for i in picks.unique().tolist()]
         patches = torch.stack([patches for patches, _ in samples]).to(pl_module.device)  # (B, N, P*P*C)
         targets = [int(target) for _, target in samples]
-        probabilities = pl_module(patches).float().softmax(dim=-1)
+        logits = evaluation_logits(pl_module.model, patches, hp.get("flip_tta", False), hp.patch_size)
+        probabilities = logits.float().softmax(dim=-1)  # as validation scored them
         confidence, predicted = probabilities.max(dim=-1)
         pixels = to_pixels(patches, hp.image_size, hp.patch_size, hp.mean, hp.std)
         titles = [f"{names[p]} ({c:.2f})\ntrue: {names[t]}"

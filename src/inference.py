@@ -22,7 +22,7 @@ from src.checkpoints import not_ours, read_checkpoint
 from src.data import CIFAR10DataModule, Flowers17DataModule, ImageDataModule, ImageFolderDataModule
 from src.data.transforms import eval_transform
 from src.errors import ConfigError, UserError
-from src.models.classifier import ARCHITECTURE
+from src.models.classifier import ARCHITECTURE, evaluation_logits
 from src.models.vit import ViT
 
 # Each recipe keeps its checkpoints in its own folder here (models/ for CIFAR-10, flowers17/, ...).
@@ -52,8 +52,11 @@ class Classifier:
 
     @torch.no_grad()
     def probabilities(self, patches: Tensor) -> Tensor:
-        """Class probabilities (B, num_classes) for a batch of patchified images (B, N, P*P*C)."""
-        return self.model(patches).float().softmax(dim=-1)
+        """Class probabilities (B, num_classes) for a batch of patchified images (B, N, P*P*C), scored
+        as the run's validation and test scored them (with its flip_tta, if set)."""
+        hp = self.hparams
+        logits = evaluation_logits(self.model, patches, hp.get("flip_tta", False), hp["patch_size"])
+        return logits.float().softmax(dim=-1)
 
     def datamodule(self) -> ImageDataModule:
         """The DataModule the model was trained on, with its validation split set up."""

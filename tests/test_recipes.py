@@ -16,10 +16,10 @@ from src.checkpoints import read_checkpoint
 from src.cli import check_compatible
 from src.data import ImageFolderDataModule
 from src.data.device import BatchAugment
-from src.data.transforms import CIFAR10_MEAN, CIFAR10_STD, patchify, train_transform, unpatchify
+from src.data.transforms import CIFAR10_MEAN, CIFAR10_STD, hflip_patches, patchify, train_transform, unpatchify
 from src.errors import ConfigError
-from src.inference import load_classifier
-from src.models.classifier import ViTClassifier, batch_mix
+from src.inference import Classifier, load_classifier
+from src.models.classifier import ViTClassifier, batch_mix, evaluation_logits
 from src.models.vit import ConvStem, ViT
 
 TINY = dict(num_classes=10, image_size=16, patch_size=4, dim=32, depth=2, num_heads=2, drop_path=0.0,
@@ -105,6 +105,26 @@ def test_average_pooling_classifies_the_mean_patch_token():
     assert torch.allclose(model.forward_head(features), model.head(features[:, 1:].mean(dim=1)))
     with pytest.raises(ConfigError, match="global_pool"):
         ViT(num_classes=10, global_pool="max")
+
+
+def test_flip_tta_scores_the_mean_of_each_image_and_its_mirror(tmp_path: Path, monkeypatch):
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 16, 16)
+    assert torch.equal(hflip_patches(patchify(images, 4), 4), patchify(images.flip(-1), 4))
+    model = quiet(ViTClassifier(**TINY, flip_tta=True), monkeypatch).eval()
+    plain, mirrored = model(patchify(images, 4)), model(patchify(images.flip(-1), 4))
+    assert not torch.allclose(plain, mirrored)  # the network itself is not flip-invariant
+    expected = (plain + mirrored) / 2
+    seen = []
+    monkeypatch.setattr(model.val_metrics, "forward", lambda logits, targets: seen.append(logits))
+    model.validation_step((patchify(images, 4), torch.zeros(4, dtype=torch.long)), 0)
+    assert torch.allclose(seen[0], expected, atol=1e-6)
+    # classify.py scores an image as the run's validation did.
+    hparams = dict(model.hparams)
+    classifier = Classifier(model.model, hparams, None, tmp_path / "x.ckpt")
+    assert torch.allclose(classifier.probabilities(patchify(images, 4)), expected.softmax(-1), atol=1e-6)
+    hparams["flip_tta"] = False
+    assert torch.allclose(classifier.probabilities(patchify(images, 4)), plain.softmax(-1), atol=1e-6)
 
 
 @pytest.mark.parametrize("mixup, cutmix, kind", [(0.8, 0.0, v2.MixUp), (0.0, 1.0, v2.CutMix),
@@ -225,7 +245,9 @@ def test_ema_run_checkpoints_and_tests_the_average_and_resumes(tmp_path: Path, i
     def loss_of(state: dict) -> float:
         model.load_state_dict(state)
         with torch.no_grad():
-            return F.cross_entropy(model(patches), targets).item()
+            # Scored as the run scored its test: with the recipe's flip test-time augmentation.
+            logits = evaluation_logits(model.model, patches, hparams["flip_tta"], hparams["patch_size"])
+            return F.cross_entropy(logits, targets).item()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     logs = sorted((tmp_path / "data/lightning/lightning_logs").glob("version_*"))[-1]

@@ -67,6 +67,11 @@ def unpatchify(patches: Tensor, patch_size: int, image_size: int | tuple[int, in
     return x.reshape(*lead, C, H, W)  # (*, C, H, W)
 
 
+def hflip_patches(patches: Tensor, patch_size: int) -> Tensor:
+    """The patches of the mirror images: square images (*, N, P*P*C) flipped left to right."""
+    return patchify(unpatchify(patches, patch_size).flip(-1), patch_size)  # (*, N, P*P*C)
+
+
 def _to_patches(patch_size: int, mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.0) -> list:
     """Common tail of every preset: float tensor in [0, 1], normalise, (random erasing), patchify."""
     return [

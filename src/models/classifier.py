@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from src.checkpoints import read_checkpoint
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, patchify, unpatchify
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, hflip_patches, patchify, unpatchify
 from src.errors import ConfigError, DivergedError
 from src.models.losses import ProjectionHead, info_nce
 from src.models.vit import Pool, Tokenizer, ViT
@@ -117,6 +117,15 @@ def compile_features(model: ViT) -> None:
     model.forward_features = torch.compile(model.forward_features)
 
 
+def evaluation_logits(model: ViT, patches: Tensor, flip_tta: bool, patch_size: int) -> Tensor:
+    """Logits (B, K) for evaluation and prediction: the model's, or with `flip_tta` the mean of the
+    logits for each image and for its mirror image (horizontal-flip test-time augmentation)."""
+    logits = model(patches)
+    if flip_tta:
+        logits = (logits + model(hflip_patches(patches, patch_size))) / 2
+    return logits
+
+
 class ViTClassifier(L.LightningModule):
     """Image classification with a ViT.
 
@@ -132,6 +141,8 @@ class ViTClassifier(L.LightningModule):
     `init_from` starts a new run from another checkpoint's backbone (e.g. instance-discrimination
     pre-training) with a fresh head. `compile` runs the ViT through `torch.compile` (in place, so
     checkpoints are unchanged); where that cannot work, training goes on uncompiled with a warning.
+    `flip_tta` scores validation, test and classify.py on the mean logits of each image and its
+    mirror image: for data whose classes do not change under a left-right flip.
     """
 
     def __init__(
@@ -161,6 +172,7 @@ class ViTClassifier(L.LightningModule):
         projection_dim: int = 128,
         init_from: str | None = None,
         compile: bool = False,
+        flip_tta: bool = False,
         class_names: list[str] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -260,7 +272,7 @@ class ViTClassifier(L.LightningModule):
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         patches, targets = batch
-        logits = self(patches)
+        logits = evaluation_logits(self.model, patches, self.hparams.flip_tta, self.hparams.patch_size)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics(logits, targets)
         if stage == "val":
