@@ -5,12 +5,13 @@
     python bench/throughput.py --model config --config configs/cifar10-cpu.yaml
     python bench/throughput.py --model M --precision 32-true --compile
     python bench/throughput.py --end-to-end --config configs/cifar10-cpu.yaml --augment-on device
+    python bench/throughput.py --end-to-end --images 50000 --epochs 2 -- --model.dim 384 ...   # model M
 
 Model mode: a step is forward + cross entropy + backward + AdamW on random images. This project's
 model (with the precision train.py picks for the device, or --precision, and optionally
 --compile) and timm's `VisionTransformer` as a user runs it by default (float32, eager, AdamW) are
 built side by side in one process and timed in alternating windows after warm-up; medians, the
-spread and the ratio are printed, with FLOPs, achieved TFLOP/s, the share of the bf16 peak and
+spread and the ratio are printed, with FLOPs, achieved TFLOP/s, the share of the peak (a GPU's bf16 data sheet, else a measured matmul ceiling in the precision run) and
 memory. The machines are shared and noisy: read the ratio, not the absolute figures.
 
 End-to-end mode: the real DataModule (an image folder, by default the CIFAR-10 subset in
@@ -44,7 +45,9 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from src.cli import ViTCLI, default_precision  # noqa: E402
+from src.cli import ViTCLI  # noqa: E402
+from src.data.device import DeviceImages  # noqa: E402
+from src.hardware import default_precision  # noqa: E402
 from src.data.transforms import patchify  # noqa: E402
 from src.models.classifier import compile_features, compile_unavailable, param_groups  # noqa: E402
 from src.models.vit import ViT  # noqa: E402
@@ -100,14 +103,17 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return best
 
 
-def bf16_peak(device: torch.device) -> tuple[float, str]:
-    """The bf16 peak to compare with: the data sheet's for known GPUs, else measured here."""
+def matmul_peak(device: torch.device, precision: str) -> tuple[float, str]:
+    """The peak to compare with: a known GPU's bf16 data-sheet figure, else measured here in the
+    precision that runs (a CPU without bf16 units multiplies bf16 some 30x slower than float32, so
+    its bf16 ceiling says nothing about a float32 run and takes minutes to measure)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_BF16_PEAK.items():
             if key in name:
-                return peak, f"{name} data sheet"
-    return matmul_peak_tflops(device, torch.bfloat16), "measured bf16 matmul ceiling"
+                return peak, f"bf16, {name} data sheet"
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    return matmul_peak_tflops(device, dtype), f"measured {str(dtype)[6:]} matmul ceiling"
 
 
 def training_flops(model: nn.Module, patches: torch.Tensor, targets: torch.Tensor) -> int:
@@ -213,19 +219,19 @@ def model_mode(args: argparse.Namespace, device: torch.device, precision: str) -
             peaks[name] = max(peaks[name], peak_memory_mib(device))
             in_use[name].append(memory_mib(device))
 
-    peak, peak_source = bf16_peak(device)
+    peak, peak_source = matmul_peak(device, precision)
     params = sum(p.numel() for p in model.parameters())
     print(f"model      {args.model}: dim {dim}, depth {depth}, {heads} heads, MLP {mlp_dim}, {params / 1e6:.2f} M "
           f"params, {patches.shape[1]} patches + cls, batch {batch}")
     print(f"device     {describe(device)}, torch {torch.__version__}")
     print(f"work       {flops / 1e9:.3f} GFLOP per image per training step (forward + backward)")
-    print(f"bf16 peak  {peak:.2f} TFLOP/s ({peak_source})")
+    print(f"peak       {peak:.2f} TFLOP/s ({peak_source})")
     print(f"timing     {args.windows} alternating windows x {args.steps} steps after {args.warmup} warm-up steps")
     for name, r in rates.items():
         median = statistics.median(r)
         memory = "GPU peak allocated" if device.type == "cuda" else "process peak RSS"
         print(f"{name:34s} {median:8.1f} img/s (min {min(r):.1f}, max {max(r):.1f})  "
-              f"{flops * median / 1e12:.3f} TFLOP/s = {100 * flops * median / 1e12 / peak:.1f}% of bf16 peak  "
+              f"{flops * median / 1e12:.3f} TFLOP/s = {100 * flops * median / 1e12 / peak:.1f}% of peak  "
               f"{memory} {peaks[name]:.0f} MiB, in use first/last window {in_use[name][0]:.0f}/{in_use[name][-1]:.0f}"
               f" MiB, warm-up {warm[name]:.1f} s")
     if len(rates) == 2:
@@ -252,6 +258,12 @@ def end_to_end_mode(args: argparse.Namespace, device: torch.device, precision: s
     args.compile = module.hparams.compile = args.compile or module.hparams.compile  # flag or config
     data.prepare_data()
     data.setup("fit")
+    if args.images:  # e.g. a full CIFAR-10 epoch (50 000) from the 5 170-image subset, repeated
+        if not isinstance(data.train_set, DeviceImages):
+            sys.exit("--images needs --augment-on device (the split as one uint8 tensor)")
+        repeats = -(-args.images // len(data.train_set))
+        data.train_set = DeviceImages(data.train_set.images.repeat(repeats, 1, 1, 1)[:args.images],
+                                      data.train_set.targets.repeat(repeats)[:args.images])
     batch, images = data.batch_size, len(data.train_set)
 
     # Augmentation alone, over one epoch's worth of batches at most 20.
@@ -269,15 +281,17 @@ def end_to_end_mode(args: argparse.Namespace, device: torch.device, precision: s
     # The model-only reference: the same network, precision and compile setting, on random data.
     hp = module.hparams
     reference = copy.deepcopy(module.model).to(device).train()
-    compiled = compile_if_asked(reference, args, device)
     n = (hp.image_size // hp.patch_size) ** 2
     patches = torch.randn(batch, n, hp.patch_size**2 * 3, device=device)  # (B, N, P*P*C)
     targets = torch.randint(0, hp.num_classes, (batch,), device=device)
+    flops = training_flops(reference, patches, targets) / batch  # counted before compiling
+    compiled = compile_if_asked(reference, args, device)
     reference_step = make_step(reference, patches, targets, device, precision,
                                torch.optim.AdamW(param_groups(reference, hp.weight_decay), lr=1e-4))
     for _ in range(args.warmup):
         reference_step()
     steps_per_window = max(1, images // batch)
+    peak, peak_source = matmul_peak(device, precision)
 
     class Clock(Callback):
         """Epoch times, device-waiting share per step, memory per epoch; a model-only window after each epoch."""
@@ -338,7 +352,11 @@ def end_to_end_mode(args: argparse.Namespace, device: torch.device, precision: s
     print(f"augment    {augment_rate:.0f} img/s alone ({'batched, on the device' if data.batch_augment is not None else 'per image, PIL, in the loader'})")
     print(f"epochs     {args.epochs} (the first is warm-up): "
           + ", ".join(f"{s:.2f} s" for s in clock.epochs))
-    print(f"end-to-end {statistics.median(e2e):.1f} img/s median (min {min(e2e):.1f}, max {max(e2e):.1f})")
+    print(f"end-to-end {statistics.median(e2e):.1f} img/s median (min {min(e2e):.1f}, max {max(e2e):.1f}); "
+          f"an epoch of {images} images in {statistics.median(clock.epochs[1:]):.2f} s")
+    print(f"work       {flops / 1e9:.3f} GFLOP per image per training step: end to end "
+          f"{flops * statistics.median(e2e) / 1e12:.3f} TFLOP/s = {100 * flops * statistics.median(e2e) / 1e12 / peak:.1f}% "
+          f"of the peak, {peak:.2f} TFLOP/s ({peak_source})")
     print(f"model only {statistics.median(model_only):.1f} img/s median, alternating with the epochs "
           f"(min {min(model_only):.1f}, max {max(model_only):.1f})")
     print(f"ratio      epoch time / model-only time = {statistics.median(ratios):.3f} median "
@@ -367,11 +385,13 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets" / "cifar10-subset"))
     parser.add_argument("--augment-on", default="device", choices=["device", "loader"])
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--images", type=int, default=None,
+                        help="end to end: repeat the training split to this many images (device augmentation)")
     parser.add_argument("overrides", nargs="*", help="extra train.py flags, e.g. --model.dim=128")
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    precision = args.precision or default_precision(device.type)
+    precision = args.precision or default_precision(device.type)[0]
     if args.end_to_end:
         end_to_end_mode(args, device, precision)
     else:
