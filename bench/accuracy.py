@@ -31,9 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> (config, flags). The no-* runs each take one switch out of `all` (the ablation).
 CPU = "configs/cifar10-cpu.yaml"
-# Every issue-7 switch on top of the CPU recipe: MixUp / CutMix, random erasing and repeated
+# The CPU recipe as it was in issue 7, before issue 17 moved it to 8x8 px tokens, a wider conv stem,
+# the mean-token head and flip test-time augmentation. The issue-7 runs below start from it.
+ISSUE7 = ["--data.patch_size", "4", "--model.stem_width", "0", "--model.global_pool", "token",
+          "--model.flip_tta", "false"]
+# Every issue-7 switch on top of the issue-7 CPU recipe: MixUp / CutMix, random erasing and repeated
 # augmentation (64 images x 2 views per step). It was the CPU recipe until the ablation below.
-ALL = ["--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0", "--data.erase_prob", "0.25",
+ALL = [*ISSUE7, "--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0", "--data.erase_prob", "0.25",
        "--data.views", "2", "--data.batch_size", "64"]
 RECIPES: dict[str, tuple[str, list[str]]] = {
     # The seed tutorial (tintn/vision-transformer-from-scratch): dim 48, depth 4, 4 heads, MLP 4x,
@@ -44,8 +48,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                     "--model.weight_decay", "1e-2", "--model.label_smoothing", "0", "--model.drop_path", "0",
                     "--model.mixup_alpha", "0", "--model.cutmix_alpha", "0", "--model.tokenizer", "patch",
                     "--data.augment", "none", "--data.erase_prob", "0", "--data.views", "1",
-                    "--data.batch_size", "256", "--ema", "0"]),
+                    "--data.batch_size", "256", "--ema", "0", *ISSUE7]),
     "cpu": (CPU, []),
+    "issue7": (CPU, ISSUE7),
     "all": (CPU, ALL),
     "no-conv": (CPU, [*ALL, "--model.tokenizer", "patch"]),
     "no-mix": (CPU, [*ALL, "--model.mixup_alpha", "0", "--model.cutmix_alpha", "0"]),
@@ -53,10 +58,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     # Same images per step: 128 distinct images once instead of 64 twice.
     "no-repeat": (CPU, [*ALL, "--data.views", "1", "--data.batch_size", "128"]),
     # Every issue-7 switch off: the CPU recipe with the patch projection instead of the conv stem.
-    "plain": (CPU, ["--model.tokenizer", "patch"]),
+    "plain": (CPU, [*ISSUE7, "--model.tokenizer", "patch"]),
     # EMA is off in the recipe; this puts it on (Lightning's EMAWeightAveraging, decay 0.999).
-    "ema": (CPU, ["--ema", "0.999"]),
-    "no-smoothing": (CPU, ["--model.label_smoothing", "0"]),
+    "ema": (CPU, [*ISSUE7, "--ema", "0.999"]),
+    "no-smoothing": (CPU, [*ISSUE7, "--model.label_smoothing", "0"]),
     "gpu": ("configs/cifar10.yaml", []),
 }
 

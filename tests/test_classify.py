@@ -90,9 +90,11 @@ def test_image_files_folders_and_odd_modes(in_run: Path, capsys, tmp_path: Path)
 
 
 def test_preprocessing_is_the_training_eval_transform(in_run: Path):
-    data = ImageFolderDataModule(root=str(in_run / "images"), num_workers=0)
-    data.setup()
     classifier = load_classifier(in_run / "data/lightning/models/last.ckpt")
+    # The run's own patch size (the CPU recipe's 8, not the DataModule's default 4).
+    data = ImageFolderDataModule(root=str(in_run / "images"), num_workers=0,
+                                 patch_size=classifier.hparams["patch_size"])
+    data.setup()
     index = data.val_set.indices[1]
     path, _ = data.val_set.dataset.samples[index]
     assert torch.equal(classifier.preprocess(classify.load_rgb(path)), data.val_set[1][0])
