@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import REPO, write_image_folder
+from test_speed import train_losses
 from src.data.device import BatchAugment, DeviceImages
 from src.hardware import default_precision
-from src.models.classifier import ViTClassifier, compile_features, compile_unavailable, param_groups
+from src.models.classifier import ViTClassifier, compile_features, compile_unavailable
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,29 +30,12 @@ GPU_RECIPE = dict(num_classes=10, image_size=32, patch_size=4, dim=256, depth=8,
                   tokenizer="conv", drop_path=0.0)
 
 
-def losses(model: torch.nn.Module, steps: int, bf16: bool) -> list[float]:
-    """Training losses on one fixed CUDA batch, in bf16 autocast or float32."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 64, 48, generator=generator).to(CUDA)  # (B, N, P*P*C)
-    y = torch.randint(0, 10, (64,), generator=generator).to(CUDA)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
-    out = []
-    for _ in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        out.append(loss.item())
-    return out
-
-
 def test_cuda_picks_bf16_and_follows_the_float32_loss_curve():
     assert default_precision("auto")[0] == ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed")
     torch.manual_seed(0)
     model = ViTClassifier(**GPU_RECIPE).model.to(CUDA)
-    fp32 = losses(copy.deepcopy(model), 8, bf16=False)
-    bf16 = losses(copy.deepcopy(model), 8, bf16=True)
+    fp32 = train_losses(copy.deepcopy(model), 8, "32-true", device="cuda")
+    bf16 = train_losses(copy.deepcopy(model), 8, "bf16-mixed", device="cuda")
     assert fp32[-1] < fp32[0] - 0.3  # learning, so the curves have a shape to match
     for a, b in zip(fp32, bf16):
         assert abs(a - b) < 0.03 * a, (fp32, bf16)

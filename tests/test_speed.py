@@ -18,15 +18,15 @@ from src.models.vit import Attention, ViT
 SMALL = dict(num_classes=10, image_size=32, patch_size=4, dim=48, depth=2, num_heads=4, mlp_ratio=4.0)
 
 
-def train_losses(model: ViT, steps: int, precision: str, seed: int = 0) -> list[float]:
+def train_losses(model: ViT, steps: int, precision: str, seed: int = 0, device: str = "cpu") -> list[float]:
     """Losses of `steps` AdamW steps on one fixed random batch, as the benchmark's step does them."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(64, 64, 48, generator=generator)  # (B, N, P*P*C)
-    y = torch.randint(0, 10, (64,), generator=generator)
+    x = torch.randn(64, 64, 48, generator=generator).to(device)  # (B, N, P*P*C)
+    y = torch.randint(0, 10, (64,), generator=generator).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
     losses = []
     for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
