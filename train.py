@@ -1,6 +1,7 @@
 """Train a Vision Transformer: `python train.py [--config configs/X.yaml] [--model.lr 3e-4 ...]`.
 
-With no --config it uses configs/cifar10.yaml. When data/lightning/models/last.ckpt exists the run
+With no --config it picks the recipe for the machine: configs/cifar10.yaml with a CUDA GPU,
+configs/cifar10-cpu.yaml otherwise. When data/lightning/models/last.ckpt exists the run
 resumes from it (pass --fresh to start over); after fitting, the best checkpoint is tested.
 """
 
@@ -11,8 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import WeightAveraging
-from lightning.pytorch.utilities import rank_zero_info
+from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.utilities import rank_zero_info
 
 from src.cli import ViTCLI
 from src.errors import UserError

@@ -246,8 +246,8 @@ def describe(device: torch.device) -> str:
 
 
 def end_to_end_mode(args: argparse.Namespace, device: torch.device, precision: str) -> None:
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
 
     overrides = ["--data", "ImageFolderDataModule", "--data.root", args.data_root,
                  "--data.augment_on", args.augment_on, *args.overrides]
@@ -333,7 +333,7 @@ def end_to_end_mode(args: argparse.Namespace, device: torch.device, precision: s
             self.model_only.append(steps_per_window * batch / (time.perf_counter() - start))
 
     clock = Clock()
-    trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision, max_epochs=args.epochs,
+    trainer = pl.Trainer(accelerator=device.type, devices=1, precision=precision, max_epochs=args.epochs,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=[clock])

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionYesNo, ArgumentError
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from src.callbacks import KeepLoggerVersion, StepCheckpoint, StopOnSignal, TensorBoardPictures, TimeBudget
 from src.checkpoints import SafeCheckpointIO, load_for_resume, remove_partial_files, saved_hparams
@@ -52,7 +52,7 @@ class ViTCLI(LightningCLI):
                 "log_every_n_steps": 10,
                 "default_root_dir": ROOT_DIR,
                 "logger": {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
                     # hparams go to the HPARAMS tab with the final metrics (TensorBoardPictures),
                     # not with a placeholder hp_metric at the start.
                     "init_args": {"save_dir": ROOT_DIR, "default_hp_metric": False},

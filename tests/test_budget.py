@@ -10,10 +10,10 @@ import math
 import types
 from pathlib import Path
 
-import lightning as L
+import pytorch_lightning as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 import src.callbacks
@@ -66,16 +66,16 @@ def loaders() -> tuple[DataLoader, DataLoader]:
 
 
 def fit(monkeypatch, tmp_path: Path, max_time: int | None, max_epochs: int = -1, warmup_epochs: float = 1.0,
-        save_at: int | None = None, resume: Path | None = None, **trainer_args) -> tuple[L.Trainer, Tick]:
+        save_at: int | None = None, resume: Path | None = None, **trainer_args) -> tuple[pl.Trainer, Tick]:
     clock = FakeClock()
     fake_time = types.SimpleNamespace(monotonic=clock.monotonic)
-    monkeypatch.setattr(L.pytorch.callbacks.timer, "time", fake_time)
+    monkeypatch.setattr(pl.callbacks.timer, "time", fake_time)
     monkeypatch.setattr(src.callbacks, "time", fake_time)
     torch.manual_seed(0)
     model = ViTClassifier(num_classes=3, image_size=16, patch_size=4, dim=16, depth=1, num_heads=2,
                           lr=LR, min_lr=MIN_LR, warmup_epochs=warmup_epochs, drop_path=0.0)
     tick = Tick(clock, save_at, tmp_path / "mid.ckpt")
-    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, max_time={"seconds": max_time} if max_time else None,
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=max_epochs, max_time={"seconds": max_time} if max_time else None,
                         callbacks=[tick, TimeBudget(), *trainer_args.pop("callbacks", [])], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         **{"enable_checkpointing": False, **trainer_args})

@@ -9,7 +9,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from pytorch_lightning import Trainer
 from PIL import Image
 
 from conftest import write_image_folder

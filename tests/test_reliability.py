@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning import seed_everything
+from pytorch_lightning import seed_everything
 
 from conftest import REPO, write_image_folder
 from src.checkpoints import SafeCheckpointIO, load_for_resume

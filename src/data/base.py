@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Literal, Sequence
 
-import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_only
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -94,7 +94,7 @@ class TransformedSubset(Dataset):
 AugmentOn = Literal["loader", "device"]
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(pl.LightningDataModule):
     """Base of the project's DataModules.
 
     `views` is how many augmentations of each training image a batch holds: 2 for the contrastive

@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-import lightning as L
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchvision.transforms import v2
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from src.checkpoints import read_checkpoint
@@ -126,7 +126,7 @@ def evaluation_logits(model: ViT, patches: Tensor, flip_tta: bool, patch_size: i
     return logits
 
 
-class ViTClassifier(L.LightningModule):
+class ViTClassifier(pl.LightningModule):
     """Image classification with a ViT.
 
     `num_classes`, `image_size`, `patch_size`, `class_names`, `mean` and `std` come from the
