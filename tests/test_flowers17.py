@@ -216,7 +216,10 @@ TINY_FLOWERS = [
     "--trainer.limit_test_batches", "1", "--trainer.check_val_every_n_epoch", "1",
     "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
 ]
-real_flowers = pytest.mark.skipif(not (FLOWERS17 / "jpg").is_dir(), reason=f"no real Flowers-17 in {FLOWERS17}")
+def real_flowers(test):
+    """Real photos through train.py: the slow tier, skipped without the photos."""
+    missing = pytest.mark.skipif(not (FLOWERS17 / "jpg").is_dir(), reason=f"no real Flowers-17 in {FLOWERS17}")
+    return pytest.mark.slow(missing(test))
 
 
 @real_flowers

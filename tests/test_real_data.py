@@ -12,6 +12,7 @@ from test_cli import train
 
 
 @pytest.mark.skipif(not CIFAR_SUBSET.is_dir(), reason=f"real CIFAR-10 subset not found at {CIFAR_SUBSET}")
+@pytest.mark.slow
 def test_small_config_learns_real_cifar10_subset(tmp_path: Path):
     # 5 epochs of the CPU recipe's model on 4136 training images (~40 s on 2 cores); held-out test
     # split. The regularisers that pay only over long runs (MixUp/CutMix, erasing, repeated

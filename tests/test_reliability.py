@@ -55,6 +55,7 @@ def wait_for_writes(process: subprocess.Popen, cwd: Path, count: int) -> None:
             return
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_finish(tmp_path: Path, images: Path):
     """Ten SIGKILLs: in start-up, at random moments of training, and inside checkpoint writes. Each
     restart resumes, the global step never goes back, and the last run finishes exactly where an
@@ -100,6 +101,7 @@ def test_kill_9_at_random_moments_then_finish(tmp_path: Path, images: Path):
     assert re.search(r"test/acc = 1\.0000", final.stdout + final.stderr)  # a finished run's test result
 
 
+@pytest.mark.slow
 def test_sigterm_and_ctrl_c_save_then_resume(tmp_path: Path, images: Path):
     args = command(images, "--trainer.max_epochs", "40")
     last = tmp_path / MODELS / "last.ckpt"
@@ -125,6 +127,7 @@ def test_sigterm_and_ctrl_c_save_then_resume(tmp_path: Path, images: Path):
     assert read_last(tmp_path)["global_step"] == 41 * STEPS_PER_EPOCH
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path: Path, images: Path):
     args = command(images, "--trainer.max_epochs", "2", "--step_checkpoint.every_n_train_steps", "1")
     good = train(tmp_path, *args[2:], "--trainer.max_epochs", "1")
@@ -187,6 +190,7 @@ def limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save_is_one_clear_error(tmp_path: Path, images: Path):
     args = command(images, "--trainer.max_epochs", "1")
     assert train(tmp_path, *args[2:]).returncode == 0
@@ -237,6 +241,7 @@ def final_state(cwd: Path) -> tuple[dict, float]:
     return state, events.Scalars("val/loss")[-1].value
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_matches_one_process(tmp_path: Path):
     """gloo DDP, 2 ranks x batch 24 against 1 process x batch 48 (the whole training set, so both take
     the same full-batch steps): the same weights and the same synced validation loss."""
