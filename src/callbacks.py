@@ -228,7 +228,7 @@ class TensorBoardPictures(Callback):
         samples = [val_set[i] for i in picks.unique().tolist()]
         patches = torch.stack([patches for patches, _ in samples]).to(pl_module.device)  # (B, N, P*P*C)
         targets = [int(target) for _, target in samples]
-        logits = evaluation_logits(pl_module.model, patches, hp.get("flip_tta", False), hp.patch_size)
+        logits = evaluation_logits(pl_module.model, patches, hp.flip_tta, hp.patch_size)
         probabilities = logits.float().softmax(dim=-1)  # as validation scored them
         confidence, predicted = probabilities.max(dim=-1)
         pixels = to_pixels(patches, hp.image_size, hp.patch_size, hp.mean, hp.std)
