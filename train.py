@@ -15,45 +15,48 @@ from pathlib import Path
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.utilities import rank_zero_info
 
+from src import runs
 from src.cli import ViTCLI
 from src.errors import UserError
 
 
 def main(args: list[str] | None = None) -> None:
-    """Parse, fit (resuming when possible), then test the best checkpoint."""
-    cli = ViTCLI(args=args)
-    if cli.resume_path is not None:
-        state = cli.resume_checkpoint
-        rank_zero_info(
-            f"Resuming from {cli.resume_path} (saved in epoch {state['epoch']}, "
-            f"global step {state['global_step']}); pass --fresh to start a new run."
-        )
-        cli.resume_checkpoint = None  # fit() reads the file itself; do not hold a second copy
-    logger = cli.trainer.logger
-    new_log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
+    """Parse; resume or start; fit; pick the checkpoint to test; test."""
+    cli = ViTCLI(args=args)  # config files + flags, checked; nothing built yet
+    resume = runs.start_or_resume(cli.config)
+    cli.build()
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    runs.check_start(model, data)
+    if resume is not None:
+        runs.check_resumable(model, resume)
+        rank_zero_info(f"Resuming from {resume.path} (saved in epoch {resume.checkpoint['epoch']}, global step "
+                       f"{resume.checkpoint['global_step']}); pass --fresh to start a new run.")
+    validation_chooses = runs.validation_may_choose(trainer, data)
+    ckpt_path = resume.path if resume is not None else None
+    resume = None  # fit() reads the file itself; do not hold a second copy
+
+    last = Path(cli.config.checkpoint.dirpath) / "last.ckpt"
+    new_log_dir = Path(trainer.logger.log_dir) if trainer.logger is not None and trainer.logger.log_dir else None
     if new_log_dir is not None and new_log_dir.exists():
         new_log_dir = None  # a resumed run writes into its old folder
     try:
         # Checkpoints are read weights-only everywhere: a file that holds code is refused, not run.
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path, weights_only=True)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     except UserError:
         # Bad data or settings found before the run's first checkpoint: nothing of it can be resumed,
         # so leave no half-begun run behind in TensorBoard either.
-        if new_log_dir is not None and not cli.last_path.exists() and cli.trainer.is_global_zero:
+        if new_log_dir is not None and not last.exists() and trainer.is_global_zero:
             shutil.rmtree(new_log_dir, ignore_errors=True)
         raise
-    best = cli.best_checkpoint.best_model_path
-    if not cli.datamodule.validation_held_out:
-        best = ""  # validation scored training images: the best of it is no choice; test the last weights
-    if not cli.datamodule.testable:
-        rank_zero_info(
-            f"Pre-training finished (no class-labelled test). Fine-tune from it with --model.init_from {cli.last_path}"
-        )
+
+    if not data.testable:
+        rank_zero_info(f"Pre-training finished (no class-labelled test). Fine-tune from it with --model.init_from {last}")
         return
+    best = cli.best_checkpoint.best_model_path if validation_chooses else ""  # else: the last weights
     # Weight averaging (--ema) has put the average into every checkpoint; left attached, the callback
     # would load the raw weights it also stores there, and the test would not measure what was chosen.
-    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, WeightAveraging)]
-    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
+    results = trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=True)
     if results:
         rank_zero_info(f"test/acc = {results[0]['test/acc']:.4f} (checkpoint: {best or 'last weights'})")
 

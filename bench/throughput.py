@@ -48,7 +48,8 @@ sys.path.insert(0, str(REPO))
 from src.cli import ViTCLI  # noqa: E402
 from src.data.device import DeviceImages  # noqa: E402
 from src.hardware import default_precision  # noqa: E402
-from src.data.transforms import patchify  # noqa: E402
+from src.hardware import fused_attention  # noqa: E402
+from src.images import patchify  # noqa: E402
 from src.models.classifier import compile_features, compile_unavailable, param_groups  # noqa: E402
 from src.models.vit import ViT  # noqa: E402
 
@@ -148,8 +149,10 @@ def make_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, dev
 def build_config(config: str, overrides: list[str]) -> ViTCLI:
     """The config's DataModule and LightningModule, built by the CLI train.py uses."""
     with tempfile.TemporaryDirectory() as scratch:  # never resume from, or write to, data/
-        return ViTCLI(args=["--config", config, "--trainer.logger", "false",
-                            "--checkpoint.dirpath", scratch, *overrides])
+        cli = ViTCLI(args=["--config", config, "--trainer.logger", "false",
+                           "--checkpoint.dirpath", scratch, *overrides])
+        cli.build()
+        return cli
 
 
 def ours(args: argparse.Namespace, device: torch.device, precision: str):
@@ -157,7 +160,7 @@ def ours(args: argparse.Namespace, device: torch.device, precision: str):
     if args.model in MODELS:
         dim, depth, heads, mlp_dim = MODELS[args.model]
         geometry = dict(num_classes=10, image_size=32, patch_size=4)
-        model = ViT(**geometry, dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_dim / dim)
+        model = ViT(**geometry, dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_dim / dim, drop_path=0.0)
         return model, geometry, (dim, depth, heads, mlp_dim), 0.0, args.batch_size or 128, 0.05
     cli = build_config(args.config, args.overrides)
     hp = cli.model.hparams
@@ -180,6 +183,7 @@ def compile_if_asked(model: nn.Module, args: argparse.Namespace, device: torch.d
 
 def model_mode(args: argparse.Namespace, device: torch.device, precision: str) -> None:
     model, geo, (dim, depth, heads, mlp_dim), drop_path, batch, decay = ours(args, device, precision)
+    model.use_fused_attention(fused_attention(device, precision))  # as ViTClassifier.setup decides it
     torch.manual_seed(0)
     images = torch.randn(batch, 3, geo["image_size"], geo["image_size"], device=device)  # (B, C, H, W)
     patches = patchify(images, geo["patch_size"])  # (B, N, P*P*C)
@@ -270,10 +274,9 @@ def end_to_end_mode(args: argparse.Namespace, device: torch.device, precision: s
     loader = data.train_dataloader()
     batches = min(20, len(loader))
     start = time.perf_counter()
-    for i, item in zip(range(batches), loader):
+    for i, (inputs, targets) in zip(range(batches), loader):
         if data.batch_augment is not None:  # what on_after_batch_transfer does, here on the device
-            indices, _ = item
-            data.batch_augment(data.train_set.take(indices.to(device)))
+            data.training_batch((inputs.to(device), targets.to(device)))
     sync(device)
     augment_rate = batches * batch / (time.perf_counter() - start)
     del loader
@@ -281,6 +284,7 @@ def end_to_end_mode(args: argparse.Namespace, device: torch.device, precision: s
     # The model-only reference: the same network, precision and compile setting, on random data.
     hp = module.hparams
     reference = copy.deepcopy(module.model).to(device).train()
+    reference.use_fused_attention(fused_attention(device, precision))
     n = (hp.image_size // hp.patch_size) ** 2
     patches = torch.randn(batch, n, hp.patch_size**2 * 3, device=device)  # (B, N, P*P*C)
     targets = torch.randint(0, hp.num_classes, (batch,), device=device)

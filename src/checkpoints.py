@@ -28,6 +28,7 @@ from safetensors.torch import load_file, safe_open
 from torch import Tensor
 
 from src.errors import CheckpointWriteError, DivergedError, UserError
+from src.models.vit import saved_settings, upgrade_state_dict
 
 # A checkpoint being written is `.<name>.<pid>.partial` beside its target until it is complete.
 PARTIAL_SUFFIX = ".partial"
@@ -132,15 +133,6 @@ def load_for_resume(last: Path) -> tuple[Path, dict]:
     )
 
 
-# What a checkpoint saved before a hyperparameter existed was trained with.
-ARCHITECTURE_DEFAULTS = {"tokenizer": "patch", "global_pool": "token", "stem_width": 0}
-
-
-def saved_hparams(hparams: dict) -> dict:
-    """A checkpoint's model hyperparameters, with those added since it was written at their old value."""
-    return {**ARCHITECTURE_DEFAULTS, **hparams}
-
-
 def not_ours(path: Path, why: str) -> UserError:
     """The error for a file that train.py did not write."""
     return UserError(f"{path} is not a vit-lightning checkpoint ({why}); pass one written by train.py "
@@ -161,7 +153,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor], dict | None]:
         if "vit_lightning" not in metadata:
             raise not_ours(path, "no vit_lightning metadata")
         data = json.loads(metadata["datamodule"]) if "datamodule" in metadata else None
-        return saved_hparams(json.loads(metadata["vit_lightning"])), state, data
+        return saved_settings(json.loads(metadata["vit_lightning"])), upgrade_state_dict(state), data
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -178,4 +170,5 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, Tensor], dict | None]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise not_ours(path, "no state_dict")
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    return saved_hparams(checkpoint.get("hyper_parameters", {})), state, checkpoint.get("datamodule_hyper_parameters")
+    state = upgrade_state_dict(state)  # names from before timm's
+    return saved_settings(checkpoint.get("hyper_parameters", {})), state, checkpoint.get("datamodule_hyper_parameters")

@@ -1,41 +1,41 @@
-"""The training command line: LightningCLI with the project's defaults, callbacks and auto-resume."""
+"""The training command line: LightningCLI with the project's arguments, defaults and links.
+
+Configuration only. What a run does with it (resume or start fresh, checks, which checkpoint to
+test) is src/runs.py, called in order by train.py.
+"""
 
 from __future__ import annotations
 
-import os
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionYesNo, ArgumentError
-from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from src.callbacks import KeepLoggerVersion, StepCheckpoint, StopOnSignal, TensorBoardPictures, TimeBudget
-from src.checkpoints import SafeCheckpointIO, load_for_resume, remove_partial_files, saved_hparams
+from src.checkpoints import SafeCheckpointIO
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule
 from src.errors import ConfigError, UserError
 from src.hardware import default_precision, default_recipe
-from src.models.classifier import ARCHITECTURE, ViTClassifier
+from src.models.classifier import ViTClassifier
 
 ROOT_DIR = "data/lightning"
 
 # Values the model must agree with the data on; the DataModule is the single source of each.
 LINKED_FROM_DATA = ("num_classes", "class_names", "image_size", "patch_size", "mean", "std")
+# Recipe options of the model that the DataModule carries out (it mixes batches before cutting patches).
+LINKED_TO_DATA = ("mixup_alpha", "cutmix_alpha")
 
 
 class ViTCLI(LightningCLI):
-    """`python train.py`: parse config + flags, resume from last.ckpt when there is one."""
+    """`python train.py`'s arguments: parse config + flags; `build()` then makes the objects."""
 
     def __init__(self, **kwargs: Any) -> None:
-        self.resume_checkpoint: dict | None = None
-        self.resume_path: Path | None = None
-        self.last_path: Path | None = None  # <checkpoint.dirpath>/last.ckpt, set once the config is parsed
         self.given: set[str] = set()  # the flags on the command line (not from a config file)
         super().__init__(
             ViTClassifier,
@@ -137,6 +137,8 @@ class ViTCLI(LightningCLI):
         )
         for name in LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        for name in LINKED_TO_DATA:
+            parser.link_arguments(f"model.{name}", f"data.init_args.{name}")
 
     def before_instantiate_classes(self) -> None:
         config = self.config
@@ -150,29 +152,24 @@ class ViTCLI(LightningCLI):
             rank_zero_info(f"Time budget {config.trainer.max_time}: training and its learning-rate schedule fill "
                            f"it (the recipe's max_epochs {config.trainer.max_epochs} no longer caps it)")
             config.trainer.max_epochs = -1
-        models_dir = Path(config.checkpoint.dirpath)
-        last = self.last_path = models_dir / "last.ckpt"
-        # Found now rather than after an epoch's work, when the first checkpoint is written.
-        check_writable(models_dir, "--checkpoint.dirpath")
-        check_writable(Path(config.trainer.default_root_dir or "."), "--trainer.default_root_dir")
-        save_dir = getattr(getattr(config.trainer.logger, "init_args", None), "save_dir", None)
-        if save_dir:
-            check_writable(Path(save_dir), "--trainer.logger.init_args.save_dir")
-        # Under DDP every rank runs this; only rank 0 touches the files.
-        if config.fresh:
-            if rank_zero_only.rank == 0 and models_dir.is_dir() and any(models_dir.iterdir()):
-                kept = models_dir.with_name(f"{models_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-                models_dir.rename(kept)
-                rank_zero_info(f"Starting fresh: the previous checkpoints were moved to {kept}")
-        elif last.is_file() and not config.trainer.fast_dev_run:  # a smoke test does not resume
-            if rank_zero_only.rank == 0:
-                for partial in remove_partial_files(models_dir):
-                    rank_zero_info(f"Removed {partial}, left by a checkpoint write that was interrupted")
-            self.resume_path, self.resume_checkpoint = load_for_resume(last)
-            version = self.resume_checkpoint.get("logger_version")
-            logger = config.trainer.logger
-            if version is not None and str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
-                logger.init_args.version = version
+
+    def instantiate_classes(self) -> None:
+        """Deferred: LightningCLI builds everything right after parsing; train.py calls `build` once it
+        has decided whether the run resumes (a resumed run reuses its TensorBoard version)."""
+
+    def build(self) -> None:
+        """The DataModule, the model and the Trainer from the parsed config (`self.datamodule`, ...)."""
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            # jsonargparse wraps constructor errors in its own; surface ours as they were raised.
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+        self.best_checkpoint: ModelCheckpoint = self._get(self.config_init, "checkpoint")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured Trainer, writing checkpoints with SafeCheckpointIO unless plugins are given."""
@@ -188,41 +185,6 @@ class ViTCLI(LightningCLI):
             option = "--trainer.max_time: " if "Timer(duration" in str(error) else "trainer: "
             raise ConfigError(f"{option}{error}") from None
 
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except Exception as error:
-            # jsonargparse wraps constructor errors in its own; surface ours as they were raised.
-            cause: BaseException | None = error
-            while cause is not None and not isinstance(cause, UserError):
-                cause = cause.__cause__ or cause.__context__
-            if cause is None:
-                raise
-            raise cause from None
-
-    def after_instantiate_classes(self) -> None:
-        self.best_checkpoint: ModelCheckpoint = self._get(self.config_init, "checkpoint")
-        views = getattr(self.datamodule, "views", 1)
-        if self.model.hparams.get("contrastive_weight", 0) > 0 and views != 2:
-            raise ConfigError(
-                f"model.contrastive_weight > 0 compares two augmented views of each image, but data.views "
-                f"is {views}: set data.views: 2 (as configs/flowers17-contrastive.yaml does)"
-            )
-        if not self.datamodule.validation_held_out:
-            # Validation scores images the model trains on: it soon reaches 100 % and stops improving,
-            # which early stopping would take for a plateau.
-            stoppers = [c for c in self.trainer.callbacks if isinstance(c, EarlyStopping)]
-            if stoppers:
-                self.trainer.callbacks = [c for c in self.trainer.callbacks if c not in stoppers]
-                rank_zero_info("Early stopping is off: the validation images are trained on (data.train_on)")
-        if self.resume_checkpoint is not None:
-            check_compatible(self.model, self.resume_checkpoint, self.resume_path)
-        elif self.model.hparams.get("init_from") and not Path(self.model.hparams.init_from).is_file():
-            raise ConfigError(
-                f"model.init_from: {self.model.hparams.init_from} does not exist; train the backbone first "
-                "(e.g. python train.py --config configs/flowers17-pretrain.yaml) or pass --model.init_from PATH"
-            )
-
 
 def flag_value(args: list[str], flag: str) -> str | None:
     """The value given to `flag` in a raw argument list (`--flag value` or `--flag=value`), last one wins."""
@@ -233,37 +195,3 @@ def flag_value(args: list[str], flag: str) -> str | None:
         elif arg.startswith(f"{flag}="):
             value = arg.split("=", 1)[1]
     return value
-
-
-def check_writable(folder: Path, option: str) -> None:
-    """Raise a ConfigError unless `folder` exists and is writable or could be created; create nothing."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        problem = "is a file, not a folder" if existing.exists() and not existing.is_dir() else "is not writable"
-        raise ConfigError(f"cannot write to {folder}: {existing} {problem}; fix that or pass {option} with "
-                          "a writable folder")
-
-
-# Hyperparameters that decide the network's shape or the meaning of its outputs.
-IDENTITY = (*ARCHITECTURE, "class_names")
-
-
-def check_compatible(model: LightningModule, checkpoint: dict, path: Path) -> None:
-    """Raise one clear ConfigError when the checkpoint does not fit the configured model and data."""
-    saved = saved_hparams(checkpoint.get("hyper_parameters", {}))
-    differ = [f"{k}={saved[k]!r} (config: {model.hparams[k]!r})"
-              for k in IDENTITY if k in saved and k in model.hparams and saved[k] != model.hparams[k]]
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in checkpoint.get("state_dict", {}).items()}
-    problems = [f"{n}: checkpoint {found[n]} vs config {expected[n]}"
-                for n in expected if n in found and found[n] != expected[n]]
-    problems += [f"{n} missing from the checkpoint" for n in expected if n not in found]
-    problems += [f"{n} not in this model" for n in found if n not in expected]
-    if differ or problems:
-        raise ConfigError(
-            f"{path} was trained with a different model or data: {'; '.join(differ or problems[:3])}. "
-            "Resume with the settings it was trained with, or pass --fresh to start a new run "
-            "(the old checkpoints are kept)."
-        )

@@ -70,3 +70,12 @@ def default_recipe(accelerator: str | Any) -> tuple[Path, str]:
         return GPU_RECIPE, "a CUDA GPU"
     where = "Apple MPS" if _wants_mps(accelerator) else "no CUDA GPU"
     return CPU_RECIPE, f"{where}; the GPU recipe is configs/{GPU_RECIPE.name}"
+
+
+def fused_attention(device: torch.device, precision: str | Any) -> bool:
+    """Whether attention runs PyTorch's fused kernel on `device` at `precision` (else matmul + softmax).
+
+    Fused everywhere but bf16 on a CPU: there PyTorch's fused kernel is 5-8x slower than two batched
+    matmuls and a softmax, which run on the CPU's bf16 matrix units (bench/RESULTS.md, "attention kernel").
+    """
+    return not (device.type == "cpu" and "bf16" in str(precision))

@@ -22,8 +22,9 @@ from src.checkpoints import not_ours, read_checkpoint
 from src.data import CIFAR10DataModule, Flowers17DataModule, ImageDataModule, ImageFolderDataModule
 from src.data.transforms import eval_transform
 from src.errors import ConfigError, UserError
-from src.models.classifier import ARCHITECTURE, evaluation_logits
-from src.models.vit import ViT
+from src.models.classifier import evaluation_logits
+from src.models.vit import ARCHITECTURE, ViT
+from src.runs import fit_problems
 
 # Each recipe keeps its checkpoints in its own folder here (models/ for CIFAR-10, flowers17/, ...).
 RUNS_DIR = Path("data/lightning")
@@ -85,9 +86,12 @@ def load_classifier(path: Path, device: torch.device | str = "cpu") -> Classifie
         raise not_ours(path, f"missing settings: {', '.join(missing)}")
     try:
         model = ViT(**{k: hparams[k] for k in ARCHITECTURE})
-        model.load_state_dict(state)
-    except (ConfigError, RuntimeError) as error:
-        raise not_ours(path, f"its weights do not fit its own settings: {str(error).splitlines()[0]}") from error
+    except ConfigError as error:
+        raise not_ours(path, f"its settings do not make a network: {error}") from error
+    problems = fit_problems(hparams, hparams, (), state, model.state_dict())
+    if problems:
+        raise not_ours(path, f"its weights do not fit its own settings: {'; '.join(problems[:3])}")
+    model.load_state_dict(state)
     return Classifier(model.to(device).eval(), hparams, data_hparams, Path(path))
 
 

@@ -9,7 +9,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from src.data.transforms import unpatchify
+from src.images import unpatchify
 
 
 def attention_rollout(maps: Sequence[Tensor]) -> Tensor:

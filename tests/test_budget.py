@@ -152,5 +152,6 @@ def test_a_typed_budget_lifts_the_recipes_epochs(monkeypatch, tmp_path: Path, im
     monkeypatch.chdir(tmp_path)
     cli = ViTCLI(args=["--config", str(REPO / "configs/cifar10-cpu.yaml"), "--data", "ImageFolderDataModule",
                        "--data.root", str(image_folder), "--trainer.logger", "false", *flags])
+    cli.build()
     assert cli.trainer.max_epochs == max_epochs
     assert any(isinstance(c, TimeBudget) for c in cli.trainer.callbacks)

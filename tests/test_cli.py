@@ -81,7 +81,7 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
     assert mismatch.returncode == 2
     assert "Traceback" not in mismatch.stderr
     last_line = mismatch.stderr.strip().splitlines()[-1]
-    assert "different model or data: dim=16 (config: 32)" in last_line and "--fresh" in last_line
+    assert "different model or data: dim=16 (here: 32)" in last_line and "--fresh" in last_line
     assert last_step(tmp_path) == 3 * steps_one_epoch  # nothing was overwritten
 
     # Same shapes, other classes: resuming would silently relabel the outputs.
@@ -90,7 +90,7 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
         (other / f"class_{c}").rename(other / f"kind_{c}")
     relabel = train(tmp_path, *TINY_RUN, "--data.root", str(other), "--trainer.max_epochs", "4")
     assert relabel.returncode == 2 and "Traceback" not in relabel.stderr
-    assert "class_names=['class_0', 'class_1', 'class_2'] (config: ['kind_0'" in relabel.stderr
+    assert "class_names=['class_0', 'class_1', 'class_2'] (here: ['kind_0'" in relabel.stderr
 
     # With every checkpoint unreadable, one clear line too (the files are put back afterwards;
     # the fallback to another readable checkpoint is in test_reliability.py).
@@ -183,6 +183,7 @@ def test_every_accuracy_bench_run_builds(tmp_path: Path, monkeypatch, name: str)
     config, flags = RECIPES[name]
     monkeypatch.chdir(tmp_path)
     cli = ViTCLI(args=["--config", str(REPO / config), *flags, "--trainer.logger", "false"])
+    cli.build()
     assert isinstance(cli.model, ViTClassifier)
 
 

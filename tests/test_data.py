@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import write_image_folder
 from src.data import CIFAR10DataModule, ImageFolderDataModule, PatchifyTransform
-from src.data.base import stratified_split
+from src.data.base import ImageDataModule, stratified_split
 from src.data.transforms import eval_transform, train_transform
 from src.errors import ConfigError, DataError
 
@@ -43,7 +43,9 @@ def test_patchify_rejects_a_patch_that_does_not_divide_the_image():
     with pytest.raises(ConfigError, match="does not divide"):
         PatchifyTransform(5)(torch.zeros(3, 32, 32))
     with pytest.raises(ConfigError, match="does not divide"):
-        eval_transform(32, 5, (0.5,) * 3, (0.5,) * 3)
+        eval_transform(32, 5, (0.5,) * 3, (0.5,) * 3)(Image.new("RGB", (40, 40)))
+    with pytest.raises(ConfigError, match="does not divide"):  # a DataModule says so at start-up
+        ImageDataModule(patch_size=5).set_image(32, (0.5,) * 3, (0.5,) * 3)
 
 
 def test_transforms_output_shapes_and_eval_is_deterministic():
@@ -52,11 +54,11 @@ def test_transforms_output_shapes_and_eval_is_deterministic():
     assert ev(image).shape == (64, 48)
     assert torch.equal(ev(image), ev(image))
     for augment in ("randaugment", "autoaugment", "none"):
-        tr = train_transform(32, 4, (0.5,) * 3, (0.25,) * 3, augment)
+        tr = train_transform(32, (0.5,) * 3, (0.25,) * 3, augment)
         out = tr(image)
-        assert out.shape == (64, 48) and out.dtype == torch.float32
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32  # patches are cut per batch
     with pytest.raises(ConfigError, match="augment"):
-        train_transform(32, 4, (0.5,) * 3, (0.25,) * 3, "trivial")
+        train_transform(32, (0.5,) * 3, (0.25,) * 3, "trivial")
 
 
 # --- splits ---------------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def test_cifar10_datamodule_on_synthetic_archive(synthetic_cifar: Path):
     assert set(dm.train_set.indices).isdisjoint(dm.val_set.indices)
     dm.setup("test")
     assert len(dm.test_set) == 40
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = dm.training_batch(next(iter(dm.train_dataloader())))
     assert x.shape == (16, 64, 48) and y.shape == (16,)
     # Validation uses the eval transform: the same image twice is the same tensor.
     assert torch.equal(dm.val_set[0][0], dm.val_set[0][0])
@@ -149,7 +151,7 @@ def test_image_folder_holds_out_stratified_val_and_test(image_folder: Path):
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 9, 9)
     assert Counter(dm.val_set.dataset.targets[i] for i in dm.val_set.indices) == {0: 3, 1: 3, 2: 3}
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = dm.training_batch(next(iter(dm.train_dataloader())))
     assert x.shape == (4, 64, 48)
 
 
@@ -174,9 +176,9 @@ def test_image_folder_reads_grayscale_rgba_palette_and_16_bit(tmp_path: Path):
     dm.setup()
     everything = [dm.train_set, dm.val_set, dm.test_set]
     assert sum(len(s) for s in everything) == 8
-    for subset in everything:
+    for subset, shape in zip(everything, [(3, 32, 32), (64, 48), (64, 48)]):  # training: images, cut per batch
         for i in range(len(subset)):
-            assert subset[i][0].shape == (64, 48)
+            assert subset[i][0].shape == shape
 
 
 @pytest.mark.parametrize("layout, message", [

@@ -177,12 +177,12 @@ def test_two_views_are_two_different_augmentations(flowers17: Path):
     dm = datamodule(flowers17, views=2)
     dm.setup("fit")
     views, label = dm.train_set[0]
-    assert views.shape == (2, 4, 8 * 8 * 3)  # (V, N, P*P*C)
+    assert views.shape == (2, 3, 16, 16)  # (V, C, H, W): patches are cut per batch
     assert not torch.equal(views[0], views[1])
     patches, _ = dm.val_set[0]
     assert patches.shape == (4, 8 * 8 * 3)  # evaluation: one view
-    batch, _ = next(iter(dm.train_dataloader()))
-    assert batch.shape == (dm.batch_size, 2, 4, 192)
+    batch, _ = dm.training_batch(next(iter(dm.train_dataloader())))
+    assert batch.shape == (dm.batch_size, 2, 4, 192)  # (B, V, N, P*P*C)
 
 
 def test_instance_targets_are_dataset_indices_stable_under_shuffling(flowers17: Path):
@@ -198,8 +198,7 @@ def test_instance_targets_are_dataset_indices_stable_under_shuffling(flowers17: 
         loader = DataLoader(dm.train_set, batch_size=100, shuffle=True,
                             generator=torch.Generator().manual_seed(seed))
         seen = {}
-        for patches, targets in loader:
-            images = torch.stack([dm.train_set.transform.transforms[-1].inverse(p, 16) for p in patches])
+        for images, targets in loader:
             mean, std = torch.tensor(dm.mean)[:, None, None], torch.tensor(dm.std)[:, None, None]
             pixels = ((images * std + mean) * 255).round()
             for image, target in zip(pixels, targets.tolist()):

@@ -12,7 +12,7 @@ from src.errors import ConfigError
 from src.models.classifier import ViTClassifier, param_groups, warmup_cosine
 from src.models.vit import Attention, ViT
 
-TINY = dict(num_classes=5, image_size=16, patch_size=4, dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
+TINY = dict(num_classes=5, image_size=16, patch_size=4, dim=32, depth=2, num_heads=4, mlp_ratio=2.0, drop_path=0.0)
 
 
 def patches(batch: int = 3, image_size: int = 16, patch_size: int = 4) -> torch.Tensor:
@@ -36,8 +36,9 @@ def test_fused_and_manual_attention_agree():
     torch.manual_seed(0)
     attn = Attention(dim=64, num_heads=8).eval()
     x = torch.randn(4, 17, 64)
-    fused = attn(x, fused=True)
-    manual = attn(x, fused=False)
+    fused = attn(x)
+    attn.fused_attn = False
+    manual = attn(x)
     assert torch.allclose(fused, manual, atol=1e-5, rtol=1e-5)
     # ...and the manual path is real attention: scaled by sqrt(head_dim), not by the token count.
     q, k, v = attn._qkv(x)
@@ -61,7 +62,7 @@ def test_attention_heads_are_independent():
 
 
 def test_every_parameter_gets_a_gradient():
-    model = ViT(**TINY, drop_path=0.0)
+    model = ViT(**TINY)
     loss = F.cross_entropy(model(patches()), torch.tensor([0, 1, 2]))
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
@@ -69,7 +70,7 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_no_nan_and_drop_path_only_in_training():
-    model = ViT(**TINY, drop_path=0.5)
+    model = ViT(**{**TINY, "drop_path": 0.5})
     x = patches()
     assert torch.isfinite(model(x)).all()
     model.eval()
@@ -86,16 +87,16 @@ def test_param_groups_complete_disjoint_and_right():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert decay_names.isdisjoint(no_decay_names)
     assert decay_names | no_decay_names == set(names.values())
-    assert {"embed.cls_token", "embed.pos_embed", "norm.weight", "head.bias",
+    assert {"cls_token", "pos_embed", "norm.weight", "head.bias",
             "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
-    assert {"embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight",
+    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight",
             "head.weight"} <= decay_names
     assert all(model.get_parameter(n).ndim >= 2 for n in decay_names)
 
 
 def test_init_is_truncated_normal():
     model = ViT(**{**TINY, "dim": 256, "depth": 1, "num_heads": 4})
-    for weight in (model.blocks[0].mlp.fc1.weight, model.embed.pos_embed, model.head.weight):
+    for weight in (model.blocks[0].mlp.fc1.weight, model.pos_embed, model.head.weight):
         assert weight.std().item() == pytest.approx(0.02, rel=0.15)
     assert torch.all(model.blocks[0].mlp.fc1.bias == 0)
     assert torch.all(model.norm.weight == 1) and torch.all(model.norm.bias == 0)

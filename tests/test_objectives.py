@@ -104,5 +104,5 @@ def test_init_from_loads_the_backbone_and_leaves_the_head_fresh(tmp_path: Path):
     assert model.model.head.weight.shape == (5, 32)
 
     other = ViTClassifier(**{**TINY, "dim": 48})
-    with pytest.raises(ConfigError, match=r"backbone differs.*dim=32"):
+    with pytest.raises(ConfigError, match=r"backbone does not fit.*dim=32"):
         other.load_backbone(path)

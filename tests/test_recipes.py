@@ -13,14 +13,16 @@ from torchvision.transforms import v2
 
 from conftest import REPO
 from src.checkpoints import read_checkpoint
-from src.cli import check_compatible
 from src.data import ImageFolderDataModule
+from src.data.base import ImageDataModule
 from src.data.device import BatchAugment
-from src.data.transforms import CIFAR10_MEAN, CIFAR10_STD, hflip_patches, patchify, train_transform, unpatchify
+from src.data.transforms import batch_mix, train_transform
 from src.errors import ConfigError
+from src.images import CIFAR10_MEAN, CIFAR10_STD, hflip_patches, patchify, unpatchify
 from src.inference import Classifier, load_classifier
-from src.models.classifier import ViTClassifier, batch_mix, evaluation_logits
+from src.models.classifier import ViTClassifier, evaluation_logits
 from src.models.vit import ConvStem, ViT
+from src.runs import Resume, check_resumable
 
 TINY = dict(num_classes=10, image_size=16, patch_size=4, dim=32, depth=2, num_heads=2, drop_path=0.0,
             label_smoothing=0.0)
@@ -41,7 +43,7 @@ def test_unpatchify_inverts_patchify():
 def test_conv_tokenizer_gives_one_token_per_patch_and_trains_every_weight():
     torch.manual_seed(0)
     model = ViT(num_classes=10, image_size=32, patch_size=4, dim=32, depth=1, num_heads=2, tokenizer="conv")
-    assert isinstance(model.embed.proj, ConvStem)
+    assert isinstance(model.patch_embed, ConvStem)
     patches = torch.randn(2, 64, 48)
     features = model.forward_features(patches)
     assert features.shape == (2, 65, 32)
@@ -78,20 +80,20 @@ def test_checkpoints_from_before_an_architecture_option_still_fit(tmp_path: Path
     model = ViTClassifier(**TINY, **base)
     hparams = {k: v for k, v in model.hparams.items() if k != option}
     checkpoint = {"hyper_parameters": hparams, "state_dict": model.state_dict()}
-    check_compatible(model, checkpoint, tmp_path / "old.ckpt")  # read with the option's old value
+    check_resumable(model, Resume(tmp_path / "old.ckpt", checkpoint))  # read with the option's old value
     torch.save(checkpoint, tmp_path / "old.ckpt")
     rebuilt = load_classifier(tmp_path / "old.ckpt")
     assert rebuilt.hparams[option] == old
     assert all(torch.equal(rebuilt.model.state_dict()[k], v) for k, v in model.model.state_dict().items())
     ViTClassifier(**TINY, **base).load_backbone(tmp_path / "old.ckpt")
     with pytest.raises(ConfigError, match=f"{option}={old!r}"):
-        check_compatible(ViTClassifier(**TINY, **{**base, option: new}), checkpoint, tmp_path / "old.ckpt")
+        check_resumable(ViTClassifier(**TINY, **{**base, option: new}), Resume(tmp_path / "old.ckpt", checkpoint))
     with pytest.raises(ConfigError, match=f"{option}={old!r}"):
         ViTClassifier(**TINY, **{**base, option: new}).load_backbone(tmp_path / "old.ckpt")
 
 
 def test_stem_width_sets_the_conv_stems_channels():
-    widths = lambda model: [stage[0].out_channels for stage in model.embed.proj.convs]  # noqa: E731
+    widths = lambda model: [stage[0].out_channels for stage in model.patch_embed.convs]  # noqa: E731
     assert widths(ViT(num_classes=10, patch_size=8, dim=128, num_heads=4, tokenizer="conv")) == [16, 32, 64]  # dim / P up
     assert widths(ViT(num_classes=10, patch_size=8, dim=128, num_heads=4, tokenizer="conv", stem_width=32)) == [32, 64, 128]
     with pytest.raises(ConfigError, match="stem_width"):
@@ -133,41 +135,50 @@ def test_batch_mix_is_torchvisions(mixup, cutmix, kind):
     assert isinstance(batch_mix(mixup, cutmix, 10), kind)
 
 
-def test_mixed_step_trains_on_soft_targets(monkeypatch):
+def mixing_data(**options) -> ImageDataModule:
+    data = ImageDataModule(patch_size=4, batch_size=8, **options)
+    data.set_image(16, CIFAR10_MEAN, CIFAR10_STD)
+    data.num_classes = 10
+    return data
+
+
+def test_batches_are_mixed_on_the_data_side_before_patches_are_cut(monkeypatch):
     torch.manual_seed(0)
-    model = quiet(ViTClassifier(**TINY, mixup_alpha=0.8), monkeypatch)
-    patches, targets = torch.randn(8, 16, 48), torch.arange(8)
-    seen = {}
-    original = model.model.forward_features
-
-    def features(x):
-        seen["x"] = x
-        return original(x)
-
-    monkeypatch.setattr(model.model, "forward_features", features)
-    calls = {}
-    real_ce = F.cross_entropy
-
-    def spy(logits, target, **kw):
-        calls["target"] = target
-        return real_ce(logits, target, **kw)
-
-    monkeypatch.setattr(F, "cross_entropy", spy)
-    loss = model.training_step((patches, targets), 0)
-    assert torch.isfinite(loss)
-    soft = calls["target"]
-    assert soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
+    images, targets = torch.randn(8, 3, 16, 16), torch.arange(8)
+    patches, soft = mixing_data(mixup_alpha=0.8).training_batch((images, targets))
+    assert patches.shape == (8, 16, 48) and soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
     lam = soft[0, 0].item()  # MixUp: image 0 is lam * image 0 + (1 - lam) * image 7
     assert 0 < lam < 1 and soft[0, 7].item() == pytest.approx(1 - lam, abs=1e-6)
-    expected = lam * patches + (1 - lam) * patches.roll(1, 0)
-    assert torch.allclose(seen["x"], expected, atol=1e-5)
+    assert torch.allclose(patches, patchify(lam * images + (1 - lam) * images.roll(1, 0), 4), atol=1e-5)
+    # CutMix's box is cut in the image, before the patches: a box that crosses patch borders.
+    torch.manual_seed(1)
+    patches, soft = mixing_data(cutmix_alpha=1.0).training_batch((images, targets))
+    pasted = (unpatchify(patches, 4) == images.roll(1, 0)).all(1)[0]  # (H, W): pixels from image 7
+    rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+    assert pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one rectangle
+    assert soft[0, 7].item() == pytest.approx(pasted.float().mean().item(), abs=1e-6)
+    # Views are mixed as one batch, all first views first; unmixed, they stay (B, V, N, P*P*C).
+    views = torch.randn(8, 2, 3, 16, 16)
+    patches, soft = mixing_data(mixup_alpha=0.8, views=2).training_batch((views, targets))
+    assert patches.shape == (16, 16, 48) and soft.shape == (16, 10)
+    patches, hard = mixing_data(views=2).training_batch((views, targets))
+    assert torch.equal(patches, patchify(views, 4)) and torch.equal(hard, targets)
+
+
+def test_mixed_step_trains_on_soft_targets(monkeypatch):
+    torch.manual_seed(0)
+    model = quiet(ViTClassifier(**TINY), monkeypatch)
+    patches = torch.randn(8, 16, 48)
+    soft = F.one_hot(torch.arange(8), 10).float() * 0.7 + F.one_hot(torch.arange(8).roll(1), 10).float() * 0.3
+    loss = model.training_step((patches, soft), 0)
+    assert loss.item() == pytest.approx(F.cross_entropy(model(patches), soft).item(), rel=1e-5)
 
 
 def test_mixing_refuses_the_contrastive_term_and_negative_alphas():
     with pytest.raises(ConfigError, match="contrastive"):
         ViTClassifier(**TINY, mixup_alpha=0.8, contrastive_weight=0.5)
     with pytest.raises(ConfigError, match="mixup_alpha"):
-        ViTClassifier(**TINY, cutmix_alpha=-1.0)
+        ImageDataModule(cutmix_alpha=-1.0)
 
 
 def test_repeated_augmentation_is_the_mean_loss_over_every_view(monkeypatch):
@@ -179,9 +190,8 @@ def test_repeated_augmentation_is_the_mean_loss_over_every_view(monkeypatch):
     assert loss.item() == pytest.approx(F.cross_entropy(model(flat), targets.repeat(3)).item(), rel=1e-5)
 
 
-def erased(out: torch.Tensor, size: int, patch: int) -> torch.Tensor:
-    """Per image, whether some 2x2 block of pixels is exactly 0 (the normalised mean colour)."""
-    images = unpatchify(out, patch)  # (B, C, H, W)
+def erased(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Per image (B, C, H, W), whether some 2x2 block of pixels is exactly 0 (the normalised mean colour)."""
     zero = (images == 0).all(1).float()  # (B, H, W)
     return F.max_pool2d(F.avg_pool2d(zero[:, None], 2, 1), size - 1).flatten() == 1
 
@@ -189,19 +199,19 @@ def erased(out: torch.Tensor, size: int, patch: int) -> torch.Tensor:
 def test_device_random_erasing_hits_about_its_share_of_images():
     torch.manual_seed(0)
     images = torch.randint(1, 255, (2000, 3, 16, 16), dtype=torch.uint8)
-    none = BatchAugment(4, CIFAR10_MEAN, CIFAR10_STD, "none", padding=0)
-    assert not erased(none(images), 16, 4).any()
-    quarter = BatchAugment(4, CIFAR10_MEAN, CIFAR10_STD, "none", padding=0, erase_prob=0.25)
-    share = erased(quarter(images), 16, 4).float().mean().item()
+    none = BatchAugment(CIFAR10_MEAN, CIFAR10_STD, "none", padding=0)
+    assert not erased(none(images), 16).any()
+    quarter = BatchAugment(CIFAR10_MEAN, CIFAR10_STD, "none", padding=0, erase_prob=0.25)
+    share = erased(quarter(images), 16).float().mean().item()
     assert 0.21 < share < 0.29  # 0.25, minus the few boxes narrower than 2 px
 
 
 def test_loader_random_erasing_is_torchvisions_and_checked():
-    transform = train_transform(32, 4, CIFAR10_MEAN, CIFAR10_STD, "none", erase_prob=0.25)
+    transform = train_transform(32, CIFAR10_MEAN, CIFAR10_STD, "none", erase_prob=0.25)
     assert any(isinstance(t, v2.RandomErasing) and t.p == 0.25 for t in transform.transforms)
-    assert not any(isinstance(t, v2.RandomErasing) for t in train_transform(32, 4, CIFAR10_MEAN, CIFAR10_STD).transforms)
+    assert not any(isinstance(t, v2.RandomErasing) for t in train_transform(32, CIFAR10_MEAN, CIFAR10_STD).transforms)
     with pytest.raises(ConfigError, match="erase_prob"):
-        train_transform(32, 4, CIFAR10_MEAN, CIFAR10_STD, erase_prob=1.5)
+        train_transform(32, CIFAR10_MEAN, CIFAR10_STD, erase_prob=1.5)
 
 
 def train(cwd: Path, *args: str) -> subprocess.CompletedProcess:

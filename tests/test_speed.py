@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from src.data.device import BatchAugment, DeviceImages, reflect
-from src.data.transforms import PatchifyTransform, patchify
+from src.data.transforms import PatchifyTransform
+from src.hardware import fused_attention
+from src.images import patchify
 from src.models import classifier
 from src.models.classifier import ViTClassifier, compile_features, compile_unavailable, param_groups
 from src.models.vit import Attention, ViT
@@ -36,13 +38,17 @@ def train_losses(model: ViT, steps: int, precision: str, seed: int = 0, device: 
 
 
 def test_bf16_cpu_attention_takes_the_matmul_path_and_agrees_with_float32():
+    # Decided once per run from the device and the precision, not per call.
+    assert not fused_attention(torch.device("cpu"), "bf16-mixed")
+    assert fused_attention(torch.device("cpu"), "32-true") and fused_attention(torch.device("cuda"), "bf16-mixed")
     torch.manual_seed(0)
     attn = Attention(dim=64, num_heads=4)
     x = torch.randn(8, 65, 64)
     reference = attn(x)  # float32: the fused SDPA kernel
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = attn(x)
+        attn.fused_attn = False
         fast = attn(x)  # bf16 on the CPU: two matmuls and a softmax
-        fused = attn(x, fused=True)
     assert fast.dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: agreement to ~1% of the output's scale is what it can give.
     scale = reference.abs().max()
@@ -82,7 +88,7 @@ def test_compile_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
     assert "not supported on mps" in compile_unavailable(torch.device("mps"))
 
     module = ViTClassifier(**{k: v for k, v in SMALL.items()}, compile=True)
-    module.trainer = type("T", (), {"strategy": type("S", (), {"root_device": torch.device("cpu")})()})()
+    module.trainer = type("T", (), {"strategy": type("S", (), {"root_device": torch.device("cpu")})(), "precision": "32-true"})()
     forward = module.model.forward_features
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -108,7 +114,7 @@ def test_device_crop_and_flip_are_per_image_reflect_crops_with_uniform_offsets()
     torch.manual_seed(0)
     B, H, W, p = 3000, 8, 8, 2
     images = torch.randint(0, 256, (B, 3, H, W), dtype=torch.uint8)
-    out = BatchAugment(patch_size=4, mean=(0.5,) * 3, std=(0.5,) * 3, augment="none", padding=p).crop_and_flip(images)
+    out = BatchAugment(mean=(0.5,) * 3, std=(0.5,) * 3, augment="none", padding=p).crop_and_flip(images)
     assert out.shape == images.shape and out.dtype == torch.uint8
     padded = F.pad(images.float(), (p, p, p, p), mode="reflect")  # (B, C, H+2p, W+2p)
     # Every candidate window (dy, dx) with and without a mirror; each output must be one of them.
@@ -124,23 +130,23 @@ def test_device_crop_and_flip_are_per_image_reflect_crops_with_uniform_offsets()
     assert (out != images).flatten(1).any(1).float().mean() > 0.9  # and images do move
 
 
-def test_device_augmentation_output_is_normalised_patches_of_valid_images():
+def test_device_augmentation_output_is_normalised_valid_images():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
     pixels = images.float() / 255
     mean, std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
-    plain = BatchAugment(4, mean, std, augment="none")(images)
-    assert plain.shape == (512, 64, 48) and plain.dtype == torch.float32
-    channels = plain.reshape(-1, 3)  # patches are (P, P, C) flattened: channel last
+    plain = BatchAugment(mean, std, augment="none")(images)
+    assert plain.shape == (512, 3, 32, 32) and plain.dtype == torch.float32  # patches are cut per batch later
+    channels = plain.transpose(0, 1).flatten(1).T  # (pixels, C)
     assert channels.mean(0).abs().max() < 0.01 and (channels.std(0) - 1).abs().max() < 0.01
 
-    policy = BatchAugment(4, mean, std, augment="randaugment")
+    policy = BatchAugment(mean, std, augment="randaugment")
     out = policy(images)
-    assert out.shape == (512, 64, 48) and torch.isfinite(out).all()
-    restored = out.reshape(-1, 3) * torch.tensor(std) + torch.tensor(mean)  # back to [0, 1] pixels
+    assert out.shape == (512, 3, 32, 32) and torch.isfinite(out).all()
+    restored = out.transpose(0, 1).flatten(1).T * torch.tensor(std) + torch.tensor(mean)  # back to [0, 1] pixels
     assert restored.min() > -1e-5 and restored.max() < 1 + 1e-5
     # RandAugment (2 of 14 ops, one of them identity) changes nearly every image beyond the crop.
-    cropped = BatchAugment(4, mean, std, augment="none")
+    cropped = BatchAugment(mean, std, augment="none")
     torch.manual_seed(1)
     crop_only = cropped(images)
     torch.manual_seed(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from typing import Any, Callable, Literal, Sequence
 
 import pytorch_lightning as pl
@@ -10,9 +11,11 @@ from pytorch_lightning.utilities import rank_zero_only
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 from src.data.device import BatchAugment, DeviceImages
-from src.data.transforms import Augment, erasing, eval_transform, train_transform
+from src.data.transforms import Augment, batch_mix, erasing, eval_transform, train_transform
+from src.images import patch_grid, patchify
 from src.errors import ConfigError
 
 
@@ -86,7 +89,7 @@ class TransformedSubset(Dataset):
             target = i
         if self.views == 1:
             return self.transform(image), target
-        return torch.stack([self.transform(image) for _ in range(self.views)]), target  # (V, N, P*P*C)
+        return torch.stack([self.transform(image) for _ in range(self.views)]), target  # (V, ...)
 
 
 # Where training images are augmented: one by one (PIL) in loader processes, or a batch at a time
@@ -95,19 +98,24 @@ AugmentOn = Literal["loader", "device"]
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Base of the project's DataModules.
+    """Base of the project's DataModules: the options they all share are declared here once.
 
     `views` is how many augmentations of each training image a batch holds: 2 for the contrastive
     term; without it, more than 1 is repeated augmentation (Hoffer et al. 2020, as DeiT uses it):
     every step sees `batch_size` images `views` times each, differently augmented. Evaluation always
     sees one. `erase_prob` erases a random box in that share of training images (after the policy).
+    `mixup_alpha` / `cutmix_alpha` > 0 mix each training batch with torchvision's MixUp / CutMix (one
+    of them per batch when both are set) into soft targets, before the batch is cut into patches;
+    under train.py they are set by the model's options of the same name.
 
-    Subclasses set `num_classes`, `class_names`, `image_size`, `mean` and `std` in `__init__` (the
-    CLI links them into the model) and fill `train_set`, `val_set` and `test_set` in `setup`.
+    Subclasses take their own options and pass the shared ones on as `**kwargs` (jsonargparse reads
+    them from here for --help and the config), call `set_image` in `__init__` with the geometry and
+    normalisation the CLI links into the model, set `num_classes` and `class_names`, and fill
+    `train_set`, `val_set` and `test_set` in `setup`.
     """
 
     num_classes: int
-    class_names: list[str]
+    class_names: list[str] | None
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -122,15 +130,19 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int = 0,
         augment_on: AugmentOn = "loader",
         erase_prob: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__()
+        # Every subclass's arguments too (Lightning collects them from the __init__ chain); saved in
+        # checkpoints, not logged, so classify.py can rebuild the DataModule.
+        self.save_hyperparameters(logger=False)
         erasing(erase_prob)  # checks the probability
+        batch_mix(mixup_alpha, cutmix_alpha, 2)  # checks the alphas
         if augment_on not in ("loader", "device"):
             raise ConfigError(f"augment_on must be 'loader' or 'device', got {augment_on!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size}")
-        if patch_size < 1:
-            raise ConfigError(f"patch_size must be a positive integer, got {patch_size}")
         if views < 1:
             raise ConfigError(f"views must be a positive integer, got {views}")
         if num_workers is not None and num_workers < 0:
@@ -143,19 +155,29 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.augment_on = augment_on
         self.erase_prob = erase_prob
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.batch_augment: BatchAugment | None = None  # set with device-side training images
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
     def set_image(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Check and keep the image geometry and normalisation the CLI links into the model."""
-        if image_size < 1:
-            raise ConfigError(f"image_size must be a positive integer, got {image_size}")
+        """Check and keep the image geometry and normalisation the CLI links into the model.
+
+        Fails at start-up, not mid-epoch, when the patch size does not divide the image.
+        """
+        patch_grid(image_size, self.patch_size)
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ConfigError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
+
+    @cached_property
+    def mix(self) -> v2.Transform | None:
+        """MixUp / CutMix over this dataset's classes, or None; built once `num_classes` is known."""
+        if not (self.mixup_alpha or self.cutmix_alpha):
+            return None
+        return batch_mix(self.mixup_alpha, self.cutmix_alpha, self.num_classes)
 
     @property
     def show_progress(self) -> bool:
@@ -173,17 +195,10 @@ class ImageDataModule(pl.LightningDataModule):
         """Whether there is a class-labelled test split for train.py to evaluate after fitting."""
         return True
 
-    def check_geometry(self) -> None:
-        """Fail at start-up, not mid-epoch, when the patch size does not divide the image."""
-        if self.image_size % self.patch_size:
-            raise ConfigError(
-                f"patch_size={self.patch_size} does not divide image_size={self.image_size}"
-            )
-
     @property
     def train_transform(self) -> Callable:
-        """Augmentation + normalisation + patchify for training images."""
-        return train_transform(self.image_size, self.patch_size, self.mean, self.std, self.augment, self.erase_prob)
+        """Augmentation + normalisation for training images; patches are cut per batch (`training_batch`)."""
+        return train_transform(self.image_size, self.mean, self.std, self.augment, self.erase_prob)
 
     @property
     def eval_transform(self) -> Callable:
@@ -194,19 +209,38 @@ class ImageDataModule(pl.LightningDataModule):
         """The training split as uint8 images (N, H, W, 3) augmented on the device (augment_on: device)."""
         if tuple(images.shape[1:3]) != (self.image_size, self.image_size):
             raise ConfigError(f"device augmentation needs {self.image_size}px images, got {tuple(images.shape)}")
-        self.batch_augment = BatchAugment(self.patch_size, self.mean, self.std, self.augment,
+        self.batch_augment = BatchAugment(self.mean, self.std, self.augment,
                                           padding=self.image_size // 8,  # as train_transform's crop
                                           erase_prob=self.erase_prob)
         return DeviceImages(images, targets)
 
+    def training_batch(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """A training batch as the model takes it: augmented (device path), mixed, cut into patches.
+
+        In: (images (B, [V,] C, H, W), targets (B,)) from the loader, or (indices, targets) with
+        `augment_on: device`. Out: patches (B, [V,] N, P*P*C) with class targets (B,); with MixUp or
+        CutMix the views are mixed as one batch: (V*B, N, P*P*C), all first views first, with soft
+        targets (V*B, K).
+        """
+        if self.batch_augment is not None:
+            indices, targets = batch
+            images = self.train_set.take(indices)  # (B, C, H, W) uint8, on the training device
+            images = torch.stack([self.batch_augment(images) for _ in range(self.views)], dim=1)  # (B, V, C, H, W)
+        else:
+            images, targets = batch
+            images = images if images.ndim == 5 else images.unsqueeze(1)  # (B, V, C, H, W)
+        if self.mix is not None:
+            views = images.shape[1]
+            images, targets = self.mix(images.transpose(0, 1).flatten(0, 1), targets.repeat(views))
+            return patchify(images, self.patch_size), targets  # (V*B, N, P*P*C), (V*B, K)
+        patches = patchify(images, self.patch_size)  # (B, V, N, P*P*C)
+        return (patches[:, 0] if patches.shape[1] == 1 else patches), targets
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Device-side training batches arrive as (indices, targets); everything else is ready.
-        if self.batch_augment is None or not (self.trainer and self.trainer.training):
+        # Training batches are finished here, on the training device; evaluation batches are ready.
+        if not (self.trainer and self.trainer.training):
             return batch
-        indices, targets = batch
-        images = self.train_set.take(indices)  # (B, C, H, W) uint8, on the training device
-        views = [self.batch_augment(images) for _ in range(self.views)]
-        return (views[0] if self.views == 1 else torch.stack(views, dim=1)), targets  # (B, [V,] N, P*P*C)
+        return self.training_batch(batch)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 
-from src.data.base import AugmentOn, ImageDataModule, TransformedSubset, stratified_split
-from src.data.transforms import CIFAR10_MEAN, CIFAR10_STD, Augment
+from src.data.base import ImageDataModule, TransformedSubset, stratified_split
+from src.images import CIFAR10_MEAN, CIFAR10_STD
 from src.errors import DataError
 
 
@@ -21,18 +22,9 @@ class CIFAR10DataModule(ImageDataModule):
         root: str = "data/cifar",
         val_size: int = 5000,
         download: bool = True,
-        patch_size: int = 4,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        augment: Augment = "randaugment",
-        views: int = 1,
-        seed: int = 0,
-        augment_on: AugmentOn = "loader",
-        erase_prob: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(patch_size, batch_size, num_workers, augment, views, seed, augment_on, erase_prob)
-        # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
-        self.save_hyperparameters(logger=False)
+        super().__init__(**kwargs)
         self.root = Path(root)
         self.val_size = val_size
         self.download = download
@@ -40,7 +32,6 @@ class CIFAR10DataModule(ImageDataModule):
         self.class_names = ["airplane", "automobile", "bird", "cat", "deer",
                             "dog", "frog", "horse", "ship", "truck"]
         self.set_image(32, CIFAR10_MEAN, CIFAR10_STD)
-        self.check_geometry()
 
     def _open(self, train: bool, download: bool = False) -> CIFAR10:
         """The torchvision dataset, or one error that says exactly which file to put where."""

@@ -2,7 +2,7 @@
 
 `augment_on: device` in a DataModule puts the training split here: the loader yields only indices,
 the images move once to the training device (a GPU, or the CPU's own process) and every batch is
-cropped, flipped, put through the augmentation policy, normalised and patchified there. It
+cropped, flipped, put through the augmentation policy and normalised there. It
 replaces per-image PIL work in loader processes, which on 2 CPU cores competes with training for
 the same cores and on a GPU cannot keep up (bench/RESULTS.md, "data pipeline").
 """
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from src.data.transforms import Augment, erasing, patchify, policy
+from src.data.transforms import Augment, erasing, policy
 from src.errors import ConfigError
 
 
@@ -51,9 +51,9 @@ def reflect(index: Tensor, size: int) -> Tensor:
 
 class BatchAugment(nn.Module):
     """Per-image random crop (reflect padding) and flip, a torchvision v2 policy, normalise, random
-    erasing, patchify.
+    erasing: `train_transform` for a whole batch.
 
-    Input (B, C, H, W) uint8 on any device; output (B, N, P*P*C) float32 on the same device. Crop and
+    Input (B, C, H, W) uint8 on any device; output (B, C, H, W) float32 on the same device. Crop and
     flip are drawn per image and done in one gather. The policy (RandAugment, AutoAugment, ...) is
     torchvision's own; torchvision draws one set of operations per call, so it is called on groups
     of `group_size` images drawn at random from the batch: every image still gets the policy's
@@ -63,7 +63,6 @@ class BatchAugment(nn.Module):
 
     def __init__(
         self,
-        patch_size: int,
         mean: Sequence[float],
         std: Sequence[float],
         augment: Augment = "randaugment",
@@ -74,7 +73,6 @@ class BatchAugment(nn.Module):
         super().__init__()
         if padding < 0 or group_size < 1:
             raise ConfigError(f"need padding >= 0 and group_size >= 1, got {padding} and {group_size}")
-        self.patch_size = patch_size
         self.padding = padding
         self.group_size = group_size
         ops = policy(augment)
@@ -109,10 +107,10 @@ class BatchAugment(nn.Module):
             order = torch.randperm(len(x), device=x.device)
             mixed = torch.cat([self.policy(group) for group in x[order].split(self.group_size)])
             x = torch.empty_like(mixed).index_copy_(0, order, mixed)
-        # The same torchvision ops as the per-image path's tail (transforms._to_patches), on a batch.
+        # The same torchvision ops as the per-image path's tail (transforms._normalised), on a batch.
         x = v2.functional.to_dtype(x, torch.float32, scale=True)
         x = v2.functional.normalize(x, self.mean, self.std)  # (B, C, H, W)
         if self.erase is not None:
             for i in torch.nonzero(torch.rand(len(x)) < self.erase_prob).flatten().tolist():
                 x[i] = self.erase(x[i])
-        return patchify(x, self.patch_size)  # (B, N, P*P*C)
+        return x  # (B, C, H, W)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from torchvision.datasets.utils import check_integrity, download_and_extract_arc
 from tqdm.auto import tqdm
 
 from src.data.base import ImageDataModule, TransformedSubset, stratified_split
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, photo_train_transform
+from src.data.transforms import photo_train_transform
+from src.images import IMAGENET_MEAN, IMAGENET_STD
 from src.errors import ConfigError, DataError
 
 URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/17/"
@@ -210,17 +211,14 @@ class Flowers17DataModule(ImageDataModule):
         train_on: TrainOn = "train",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        patch_size: int = 8,
+        patch_size: int = 8,  # the shared options whose default differs for 64 px photos
         batch_size: int = 64,
-        num_workers: int | None = None,
-        augment: Augment = "randaugment",
-        views: int = 1,
-        seed: int = 0,
-        erase_prob: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(patch_size, batch_size, num_workers, augment, views, seed, erase_prob=erase_prob)
-        # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
-        self.save_hyperparameters(logger=False)
+        super().__init__(patch_size=patch_size, batch_size=batch_size, **kwargs)
+        if self.augment_on != "loader":
+            raise ConfigError("Flowers17DataModule augments in the loader only: its random resized crops of photos "
+                              "have no device-side version; pass --data.augment_on loader (configs/flowers17*.yaml do)")
         if split not in (1, 2, 3):
             raise ConfigError(f"split must be 1, 2 or 3 (the three official splits), got {split}")
         if targets not in ("class", "instance"):
@@ -245,7 +243,6 @@ class Flowers17DataModule(ImageDataModule):
         else:  # one class per training image; both the official and the seeded split have 680 (+ 340)
             self.num_classes, self.class_names = training, None
         self.split_used: str | None = None
-        self.check_geometry()
         _ = self.train_transform  # built once now, so a bad crop_scale or augment fails at start-up
 
     @property
@@ -259,9 +256,8 @@ class Flowers17DataModule(ImageDataModule):
 
     @property
     def train_transform(self) -> Callable:
-        return photo_train_transform(
-            self.image_size, self.patch_size, self.mean, self.std, self.augment, self.crop_scale, self.erase_prob
-        )
+        return photo_train_transform(self.image_size, self.mean, self.std, self.augment, self.crop_scale,
+                                     self.erase_prob)
 
     def prepare_data(self) -> None:
         # One process per node: download, then decode into the on-disk cache that setup() reads.

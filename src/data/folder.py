@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -13,8 +13,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from src.data.base import AugmentOn, ImageDataModule, TransformedSubset, stratified_split
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment
+from src.data.base import ImageDataModule, TransformedSubset, stratified_split
+from src.images import IMAGENET_MEAN, IMAGENET_STD
 from src.errors import ConfigError, DataError
 
 
@@ -64,18 +64,9 @@ class ImageFolderDataModule(ImageDataModule):
         test_fraction: float = 0.1,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        patch_size: int = 4,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        augment: Augment = "randaugment",
-        views: int = 1,
-        seed: int = 0,
-        augment_on: AugmentOn = "loader",
-        erase_prob: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(patch_size, batch_size, num_workers, augment, views, seed, augment_on, erase_prob)
-        # Saved in checkpoints (not logged) so classify.py can rebuild this DataModule.
-        self.save_hyperparameters(logger=False)
+        super().__init__(**kwargs)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist")
@@ -97,7 +88,6 @@ class ImageFolderDataModule(ImageDataModule):
                     f"{self.split_dirs[split]} must have the same class folders as "
                     f"{self.split_dirs['train']}: {', '.join(self.class_names)}"
                 )
-        self.check_geometry()
 
     @staticmethod
     def _class_names(folder: Path) -> list[str]:

@@ -1,8 +1,11 @@
-"""Patchify transform, train/eval augmentation presets and normalisation statistics."""
+"""Patchify transform, train/eval augmentation presets and normalisation statistics.
+
+Training presets end in normalised images (C, H, W): batches are mixed (MixUp/CutMix) before their
+patches are cut, in `ImageDataModule.training_batch`. The evaluation preset ends in patches (N, P*P*C).
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Sequence
 
 import torch
@@ -10,11 +13,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from src.errors import ConfigError
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from src.images import patchify, unpatchify
 
 Augment = Literal["randaugment", "autoaugment", "simclr", "none"]
 
@@ -23,8 +22,6 @@ class PatchifyTransform:
     """Cut an image (C, H, W) into a sequence of flattened patches (N, P*P*C), row by row."""
 
     def __init__(self, patch_size: int) -> None:
-        if patch_size < 1:
-            raise ConfigError(f"patch_size must be a positive integer, got {patch_size}")
         self.patch_size = patch_size
 
     def __call__(self, image: Tensor) -> Tensor:
@@ -38,48 +35,13 @@ class PatchifyTransform:
         return f"{type(self).__name__}(patch_size={self.patch_size})"
 
 
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """Images (*, C, H, W) -> flattened patches (*, N, P*P*C), row by row; one image or a batch."""
-    *lead, C, H, W = images.shape
-    P = patch_size
-    if H % P or W % P:
-        raise ConfigError(f"patch_size={P} does not divide the image size {H}x{W}")
-    x = images.reshape(*lead, C, H // P, P, W // P, P)  # (*, C, h, P, w, P)
-    n = len(lead)
-    x = x.permute(*range(n), n + 1, n + 3, n + 2, n + 4, n)  # (*, h, w, P, P, C)
-    return x.reshape(*lead, (H // P) * (W // P), P * P * C)  # (*, N, P*P*C)
-
-
-def unpatchify(patches: Tensor, patch_size: int, image_size: int | tuple[int, int] | None = None) -> Tensor:
-    """Flattened patches (*, N, P*P*C), row by row -> the images (*, C, H, W); square unless `image_size` says."""
-    *lead, N, D = patches.shape
-    P = patch_size
-    if image_size is None:
-        side = math.isqrt(N)
-        if side * side != N:
-            raise ValueError(f"{N} patches do not tile a square image; pass image_size")
-        image_size = side * P
-    H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
-    h, w, C = H // P, W // P, D // (P * P)
-    x = patches.reshape(*lead, h, w, P, P, C)  # (*, h, w, P, P, C)
-    n = len(lead)
-    x = x.permute(*range(n), n + 4, n, n + 2, n + 1, n + 3)  # (*, C, h, P, w, P)
-    return x.reshape(*lead, C, H, W)  # (*, C, H, W)
-
-
-def hflip_patches(patches: Tensor, patch_size: int) -> Tensor:
-    """The patches of the mirror images: square images (*, N, P*P*C) flipped left to right."""
-    return patchify(unpatchify(patches, patch_size).flip(-1), patch_size)  # (*, N, P*P*C)
-
-
-def _to_patches(patch_size: int, mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.0) -> list:
-    """Common tail of every preset: float tensor in [0, 1], normalise, (random erasing), patchify."""
+def _normalised(mean: Sequence[float], std: Sequence[float], erase_prob: float = 0.0) -> list:
+    """Common tail of every preset: float tensor in [0, 1], normalise, (random erasing)."""
     return [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(mean), std=list(std)),
         *erasing(erase_prob),
-        PatchifyTransform(patch_size),
     ]
 
 
@@ -95,17 +57,14 @@ def eval_transform(
     image_size: int, patch_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> v2.Compose:
     """Deterministic preprocessing: shorter side to `image_size`, centre crop, normalise, patchify."""
-    if image_size % patch_size:
-        raise ConfigError(f"patch_size={patch_size} does not divide image_size={image_size}")
     return v2.Compose(
-        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-        + _to_patches(patch_size, mean, std)
+        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), *_normalised(mean, std),
+         PatchifyTransform(patch_size)]
     )
 
 
 def train_transform(
     image_size: int,
-    patch_size: int,
     mean: Sequence[float],
     std: Sequence[float],
     augment: Augment = "randaugment",
@@ -116,8 +75,6 @@ def train_transform(
     The crop moves the image by up to 1/8 of its size (4 px at 32 px), the CIFAR standard; there is
     deliberately no aggressive random-resized crop, which destroys small images.
     """
-    if image_size % patch_size:
-        raise ConfigError(f"patch_size={patch_size} does not divide image_size={image_size}")
     return v2.Compose(
         [
             v2.Resize(image_size, antialias=True),
@@ -125,14 +82,13 @@ def train_transform(
             v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"),
             v2.RandomHorizontalFlip(),
             *policy(augment),
+            *_normalised(mean, std, erase_prob),
         ]
-        + _to_patches(patch_size, mean, std, erase_prob)
     )
 
 
 def photo_train_transform(
     image_size: int,
-    patch_size: int,
     mean: Sequence[float],
     std: Sequence[float],
     augment: Augment = "randaugment",
@@ -140,8 +96,6 @@ def photo_train_transform(
     erase_prob: float = 0.0,
 ) -> v2.Compose:
     """Augmentation for photos larger than `image_size`: random resized crop, flip and a policy."""
-    if image_size % patch_size:
-        raise ConfigError(f"patch_size={patch_size} does not divide image_size={image_size}")
     low, high = crop_scale
     if not 0.0 < low <= high <= 1.0:
         raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
@@ -150,8 +104,8 @@ def photo_train_transform(
             v2.RandomResizedCrop(image_size, scale=(low, high), antialias=True),
             v2.RandomHorizontalFlip(),
             *policy(augment),
+            *_normalised(mean, std, erase_prob),
         ]
-        + _to_patches(patch_size, mean, std, erase_prob)
     )
 
 
@@ -171,3 +125,17 @@ def policy(augment: Augment) -> list:
     if augment not in policies:
         raise ConfigError(f"augment must be one of {sorted(policies)}, got {augment!r}")
     return policies[augment]
+
+
+def batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
+    """torchvision's MixUp and/or CutMix (one of the two per batch, with equal odds), or None for neither."""
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ConfigError(f"mixup_alpha and cutmix_alpha must be 0 (off) or more; got {mixup_alpha}, {cutmix_alpha}")
+    mixes = []
+    if mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

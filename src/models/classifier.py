@@ -7,30 +7,23 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchvision.transforms import v2
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from src.checkpoints import read_checkpoint
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, hflip_patches, patchify, unpatchify
 from src.errors import ConfigError, DivergedError
+from src.hardware import fused_attention
 from src.models.losses import ProjectionHead, info_nce
-from src.models.vit import Pool, Tokenizer, ViT
-
-
-# The hyperparameters that fix the ViT's shape: a checkpoint's weights fit exactly the models built
-# with the same values (dropout and drop path change training, not the weights' layout).
-ARCHITECTURE = ("num_classes", "image_size", "patch_size", "dim", "depth", "num_heads", "mlp_ratio", "tokenizer",
-                "global_pool", "stem_width")
-# Everything but the head: what a pre-trained backbone must share with the model it initialises.
-BACKBONE = tuple(k for k in ARCHITECTURE if k != "num_classes")
+from src.models.vit import ARCHITECTURE, ViT, upgrade_state_dict
+from src.images import IMAGENET_MEAN, IMAGENET_STD, hflip_patches
+from src.runs import fit_problems
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: float,
@@ -85,18 +78,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
-    """torchvision's MixUp and/or CutMix (one of the two per batch, with equal odds), or None for neither."""
-    mixes = []
-    if mixup_alpha > 0:
-        mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-    if cutmix_alpha > 0:
-        mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-    if not mixes:
-        return None
-    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
-
-
 def compile_unavailable(device: torch.device) -> str | None:
     """Why `torch.compile` cannot run on `device` here, or None when it can."""
     if device.type not in ("cpu", "cuda"):
@@ -129,15 +110,17 @@ def evaluation_logits(model: ViT, patches: Tensor, flip_tta: bool, patch_size: i
 class ViTClassifier(pl.LightningModule):
     """Image classification with a ViT.
 
-    `num_classes`, `image_size`, `patch_size`, `class_names`, `mean` and `std` come from the
-    DataModule (linked by the CLI); they are saved with every checkpoint, so a checkpoint alone
-    rebuilds the network and its evaluation preprocessing.
+    The network's settings (`dim`, `depth`, `tokenizer`, ...) are `ViT`'s arguments, passed through
+    `**vit`: the CLI reads them from `ViT`'s signature, so they are declared once. `num_classes`,
+    `image_size`, `patch_size`, `class_names`, `mean` and `std` come from the DataModule (linked by
+    the CLI); all are saved with every checkpoint, so a checkpoint alone rebuilds the network and its
+    evaluation preprocessing.
 
     With `contrastive_weight` > 0 the training batches hold two augmented views of each image and the
     loss is `CE + contrastive_weight * InfoNCE` between projections of the two views' class tokens.
     `mixup_alpha` / `cutmix_alpha` > 0 mix each training batch with torchvision's MixUp / CutMix (one
-    of them per batch when both are set) and train on the soft targets they make; `tokenizer: conv`
-    replaces the linear patch projection with a small convolutional stem (the data path is the same).
+    of them per batch when both are set) and train on the soft targets they make: part of the recipe
+    here, carried out by the DataModule (linked by the CLI), which mixes images before cutting patches.
     `init_from` starts a new run from another checkpoint's backbone (e.g. instance-discrimination
     pre-training) with a fresh head. `compile` runs the ViT through `torch.compile` (in place, so
     checkpoints are unchanged); where that cannot work, training goes on uncompiled with a warning.
@@ -147,15 +130,6 @@ class ViTClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        num_classes: int = 10,
-        image_size: int = 32,
-        patch_size: int = 4,
-        dim: int = 192,
-        depth: int = 6,
-        num_heads: int = 3,
-        mlp_ratio: float = 2.0,
-        dropout: float = 0.0,
-        drop_path: float = 0.1,
         lr: float = 1e-3,
         min_lr: float = 1e-5,
         weight_decay: float = 0.05,
@@ -164,9 +138,6 @@ class ViTClassifier(pl.LightningModule):
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
-        tokenizer: Tokenizer = "patch",
-        global_pool: Pool = "token",
-        stem_width: int = 0,
         contrastive_weight: float = 0.0,
         temperature: float = 0.1,
         projection_dim: int = 128,
@@ -176,6 +147,7 @@ class ViTClassifier(pl.LightningModule):
         class_names: list[str] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        **vit: Any,
     ) -> None:
         super().__init__()
         if lr <= 0 or min_lr < 0 or min_lr > lr:
@@ -186,8 +158,6 @@ class ViTClassifier(pl.LightningModule):
             raise ConfigError(f"warmup_epochs must be 0 or more, got {warmup_epochs}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ConfigError(f"mixup_alpha and cutmix_alpha must be 0 (off) or more; got {mixup_alpha}, {cutmix_alpha}")
         if contrastive_weight > 0 and (mixup_alpha > 0 or cutmix_alpha > 0):
             raise ConfigError("the contrastive term compares two views of the same image, which MixUp/CutMix "
                               "would blend with other images: set mixup_alpha and cutmix_alpha to 0 with it")
@@ -196,25 +166,14 @@ class ViTClassifier(pl.LightningModule):
                 f"need contrastive_weight >= 0, temperature > 0 and projection_dim >= 1; got "
                 f"{contrastive_weight}, {temperature} and {projection_dim}"
             )
+        self.model = ViT(**vit)
+        num_classes = self.model.num_classes
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class names for num_classes={num_classes}")
         self.save_hyperparameters()
-        self.model = ViT(
-            num_classes=num_classes,
-            image_size=image_size,
-            patch_size=patch_size,
-            dim=dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            dropout=dropout,
-            drop_path=drop_path,
-            tokenizer=tokenizer,
-            global_pool=global_pool,
-            stem_width=stem_width,
-        )
-        self.mix = batch_mix(mixup_alpha, cutmix_alpha, num_classes)
+        self.hparams.update(self.model.settings)  # every network setting, the defaults too
         # Only built when used: a run without the contrastive term pays nothing and saves no extra weights.
+        dim = self.model.settings["dim"]
         self.projector = ProjectionHead(dim, dim, projection_dim) if contrastive_weight > 0 else None
         metrics = {"acc": MulticlassAccuracy(num_classes, average="micro")}
         if num_classes > 5:
@@ -230,16 +189,13 @@ class ViTClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         hp = self.hparams
+        # (B, [V,] N, P*P*C) with class targets (B,), or mixed by the DataModule: (V*B, N, P*P*C), (V*B, K).
         patches, targets = batch
         views = 1
         if patches.ndim == 4:  # (B, V, N, P*P*C): V augmentations of each image
             views = patches.shape[1]
             patches = patches.transpose(0, 1).flatten(0, 1)  # (V*B, N, P*P*C), all first views first
             targets = targets.repeat(views)  # (V*B,)
-        if self.mix is not None:
-            # Mixed on the images the patches were cut from, as CutMix's boxes need; soft targets (V*B, K).
-            images, targets = self.mix(unpatchify(patches, hp.patch_size), targets)  # (V*B, C, H, W)
-            patches = patchify(images, hp.patch_size)  # (V*B, N, P*P*C)
         features = self.model.forward_features(patches)  # (V*B, N+1, D)
         logits = self.model.forward_head(features)
         # Label smoothing regularises training only; validation and test report the plain loss.
@@ -291,6 +247,8 @@ class ViTClassifier(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def setup(self, stage: str) -> None:
+        # The attention kernel for this run's device and precision, decided once, here.
+        self.model.use_fused_attention(fused_attention(self.trainer.strategy.root_device, self.trainer.precision))
         # Called by every trainer.fit/validate/test; the flag keeps it to one compile. Not in
         # configure_model: weight averaging (EMA) warns that models which override it may be sharded.
         if not self.hparams.compile or getattr(self, "_compiled", False):
@@ -310,17 +268,21 @@ class ViTClassifier(pl.LightningModule):
     def load_backbone(self, path: str | Path) -> None:
         """Copy every weight but the head from a checkpoint of a ViT with the same backbone."""
         saved, state, _ = read_checkpoint(Path(path))
-        differ = [f"{k}={saved.get(k)!r} (here: {self.hparams[k]!r})" for k in BACKBONE
-                  if saved.get(k) != self.hparams[k]]
-        if differ:
-            raise ConfigError(f"init_from {path}: its backbone differs from this model's: {'; '.join(differ)}")
         backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
-        missing, unexpected = self.model.load_state_dict(backbone, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("head.")]:
-            raise ConfigError(f"init_from {path}: weights do not fit this model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        expected = {k: v for k, v in self.model.state_dict().items() if not k.startswith("head.")}
+        problems = fit_problems(saved, dict(self.hparams), [k for k in ARCHITECTURE if k != "num_classes"],
+                                backbone, expected)
+        if problems:
+            raise ConfigError(f"init_from {path}: its backbone does not fit this model: {'; '.join(problems[:3])}")
+        self.model.load_state_dict(backbone, strict=False)
         rank_zero_info(f"Initialised the backbone from {path} ({len(backbone)} tensors); "
                        f"the {self.hparams.num_classes}-class head starts fresh.")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning loads the weights after this hook: checkpoints from before timm's names load too.
+        for key in ("state_dict", "current_model_state"):  # the latter: the raw weights of an --ema run
+            if key in checkpoint:
+                checkpoint[key] = upgrade_state_dict(checkpoint[key], prefix="model.")
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,7 +1,14 @@
-"""A plain Vision Transformer over patch sequences (pure nn.Module: no Lightning, no devices)."""
+"""A plain Vision Transformer over patch sequences (pure nn.Module: no Lightning, no devices).
+
+Its settings are declared once, as `ViT`'s arguments: the CLI's --model.* flags for them, the keys
+that fix the architecture (`ARCHITECTURE`) and the values old checkpoints were trained with
+(`SETTINGS_DEFAULTS`) all come from that signature. The top-level names are timm's
+(`patch_embed`, `cls_token`, `pos_embed`, `blocks`, `norm`, `head`).
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -9,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, StochasticDepth
 
-from src.data.transforms import unpatchify
 from src.errors import ConfigError
+from src.images import patch_grid, unpatchify
 
 # How patches become tokens: one linear projection per patch (the ViT paper), or a small
 # convolutional stem over the image the patches were cut from (Xiao et al. 2021, "Early
@@ -19,6 +26,17 @@ Tokenizer = Literal["patch", "conv"]
 # What the head classifies: the class token (the ViT paper), or the mean of the patch tokens (timm's
 # global_pool='avg'), which uses every token's output and suits small-data ViTs (Chen et al. 2021).
 Pool = Literal["token", "avg"]
+
+
+class PatchEmbed(nn.Module):
+    """Flattened patches (B, N, P*P*C) -> tokens (B, N, D) through one linear projection."""
+
+    def __init__(self, patch_dim: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(patch_dim, dim)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return self.proj(patches)  # (B, N, D)
 
 
 class ConvStem(nn.Module):
@@ -47,46 +65,17 @@ class ConvStem(nn.Module):
         self.proj = nn.Conv2d(width, dim, kernel_size=1)
 
     def forward(self, patches: Tensor) -> Tensor:
-        images = unpatchify(patches, self.patch_size)  # (B, C, H, W)
+        images = unpatchify(patches, self.patch_size)  # (B, C, H, W): convolutions see across patch borders
         x = self.proj(self.convs(images))  # (B, D, H/P, W/P)
         return x.flatten(2).transpose(1, 2)  # (B, N, D), row by row like the patches
 
 
-class ImageEmbedding(nn.Module):
-    """Turn flattened patches into tokens, prepend the class token and add learned positions."""
-
-    def __init__(
-        self,
-        patch_dim: int,
-        num_patches: int,
-        dim: int,
-        dropout: float = 0.0,
-        tokenizer: Tokenizer = "patch",
-        patch_size: int | None = None,
-        stem_width: int = 0,
-    ) -> None:
-        super().__init__()
-        if tokenizer == "patch":
-            self.proj = nn.Linear(patch_dim, dim)
-        elif tokenizer == "conv":
-            if patch_size is None:
-                raise ConfigError("tokenizer 'conv' needs the patch_size")
-            self.proj = ConvStem(patch_size, dim, patch_dim // (patch_size * patch_size), stem_width)
-        else:
-            raise ConfigError(f"tokenizer must be 'patch' or 'conv', got {tokenizer!r}")
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, patches: Tensor) -> Tensor:
-        x = self.proj(patches)  # (B, N, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, D)
-        return self.drop(x)
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention: one fused qkv projection, all heads in one batched SDPA call."""
+    """Multi-head self-attention: one fused qkv projection, all heads in one batched SDPA call.
+
+    `fused_attn` (timm's name) picks PyTorch's fused kernel or the manual matmul-softmax-matmul; it
+    is set once per run by whoever knows the device and precision (`ViT.use_fused_attention`).
+    """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
@@ -98,6 +87,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
+        self.fused_attn = True
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, N, C = x.shape
@@ -105,22 +95,22 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, hd)
         return q, k, v
 
+    def _weights(self, q: Tensor, k: Tensor) -> Tensor:
+        """The manual attention: softmax(q k^T / sqrt(head_dim)), (B, H, N, N)."""
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+
     def attention_weights(self, x: Tensor) -> Tensor:
         """Softmax attention weights (B, H, N, N), for pictures; training never needs them."""
         q, k, _ = self._qkv(x)
-        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+        return self._weights(q, k)
 
-    def forward(self, x: Tensor, fused: bool | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         B, N, C = x.shape
         q, k, v = self._qkv(x)
-        if fused is None:
-            # PyTorch's fused CPU kernel is 5-8x slower in bfloat16 than two batched matmuls and a
-            # softmax, which run on the CPU's bf16 matrix units (bench/RESULTS.md, "attention kernel").
-            fused = not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
-        if fused:
+        if self.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
         else:
-            out = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1) @ v  # (B, H, N, hd)
+            out = self._weights(q, k) @ v  # (B, H, N, hd)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, D)
         return self.proj_drop(self.proj(out))
 
@@ -159,32 +149,36 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer classifier on patchified images (B, N, P*P*C) -> logits (B, num_classes)."""
+    """Vision Transformer classifier on patchified images (B, N, P*P*C) -> logits (B, num_classes).
+
+    Its arguments are the network's settings, declared here only: the defaults are the CLI's.
+    `dropout` and `drop_path` change training, not the weights' layout; every other setting is
+    part of the architecture a checkpoint must match.
+    """
 
     def __init__(
         self,
-        num_classes: int,
+        num_classes: int = 10,
         image_size: int = 32,
         patch_size: int = 4,
         in_channels: int = 3,
         dim: int = 192,
         depth: int = 6,
         num_heads: int = 3,
-        mlp_ratio: float = 4.0,
+        mlp_ratio: float = 2.0,
         dropout: float = 0.0,
-        drop_path: float = 0.0,
+        drop_path: float = 0.1,
         tokenizer: Tokenizer = "patch",
         global_pool: Pool = "token",
         stem_width: int = 0,
     ) -> None:
+        # Every argument, for checkpoints: they rebuild this network from its settings alone.
+        self.settings = {name: value for name, value in locals().items() if name in SETTINGS_DEFAULTS}
         super().__init__()
-        for name, value in [("num_classes", num_classes), ("image_size", image_size),
-                            ("patch_size", patch_size), ("in_channels", in_channels),
-                            ("dim", dim), ("depth", depth), ("num_heads", num_heads)]:
+        for name, value in [("num_classes", num_classes), ("in_channels", in_channels), ("dim", dim),
+                            ("depth", depth), ("num_heads", num_heads)]:
             if value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
-        if image_size % patch_size:
-            raise ConfigError(f"patch_size={patch_size} does not divide image_size={image_size}")
         if mlp_ratio <= 0:
             raise ConfigError(f"mlp_ratio must be positive, got {mlp_ratio}")
         for name, value in [("dropout", dropout), ("drop_path", drop_path)]:
@@ -195,11 +189,19 @@ class ViT(nn.Module):
                               f"positive channel count; got {stem_width} with tokenizer {tokenizer!r}")
         if global_pool not in ("token", "avg"):
             raise ConfigError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        self.num_classes = num_classes
         self.global_pool = global_pool
+        self.num_patches = patch_grid(image_size, patch_size) ** 2
 
-        self.num_patches = (image_size // patch_size) ** 2
-        self.embed = ImageEmbedding(patch_size * patch_size * in_channels, self.num_patches, dim, dropout,
-                                    tokenizer, patch_size, stem_width)
+        if tokenizer == "patch":
+            self.patch_embed: nn.Module = PatchEmbed(patch_size * patch_size * in_channels, dim)
+        elif tokenizer == "conv":
+            self.patch_embed = ConvStem(patch_size, dim, in_channels, stem_width)
+        else:
+            raise ConfigError(f"tokenizer must be 'patch' or 'conv', got {tokenizer!r}")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
+        self.pos_drop = nn.Dropout(dropout)
         # Stochastic depth grows linearly with depth: early blocks are almost always kept.
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.Sequential(
@@ -208,13 +210,25 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.apply(_init_weights)
-        nn.init.trunc_normal_(self.embed.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.embed.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     @staticmethod
     def no_weight_decay() -> set[str]:
         """Parameter names that are never decayed although they are not 1-D."""
-        return {"embed.cls_token", "embed.pos_embed"}
+        return {"cls_token", "pos_embed"}
+
+    def use_fused_attention(self, fused: bool) -> None:
+        """Every block's attention through PyTorch's fused kernel (True) or the manual one (False)."""
+        for block in self.blocks:
+            block.attn.fused_attn = fused
+
+    def embed(self, patches: Tensor) -> Tensor:
+        """Tokens (B, N+1, D): the class token, then one per patch, with learned positions."""
+        x = self.patch_embed(patches)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, D)
+        return self.pos_drop(x)
 
     def forward_features(self, patches: Tensor) -> Tensor:
         """Normalised token features (B, N+1, D); index 0 is the class token."""
@@ -240,6 +254,36 @@ class ViT(nn.Module):
             maps.append(block.attn.attention_weights(block.norm1(x)))
             x = block(x)
         return maps
+
+
+# The settings and their defaults, read from the one declaration above. A setting added later must
+# default to what the network did before it existed: checkpoints saved without it get that value.
+SETTINGS_DEFAULTS = {name: p.default for name, p in inspect.signature(ViT.__init__).parameters.items()
+                     if name != "self"}
+# The settings that fix the weights' layout: checkpoints fit exactly the networks built with the same values.
+ARCHITECTURE = tuple(name for name in SETTINGS_DEFAULTS if name not in ("dropout", "drop_path"))
+# Settings that checkpoints written before they existed do not record.
+ADDED_LATER = ("in_channels", "tokenizer", "global_pool", "stem_width")
+
+
+def saved_settings(hparams: dict) -> dict:
+    """A checkpoint's hyperparameters, with the settings added since it was written at their default."""
+    return {**{name: SETTINGS_DEFAULTS[name] for name in ADDED_LATER}, **hparams}
+
+
+def upgrade_state_dict(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """A ViT state dict (its keys under `prefix`) with the names used before timm's (`embed.*`) renamed."""
+    renamed = {}
+    for key, tensor in state.items():
+        name = key.removeprefix(prefix)
+        if key.startswith(prefix) and name.startswith("embed.proj."):
+            rest = name.removeprefix("embed.proj.")
+            # The linear tokenizer was `embed.proj` itself; the conv stem's parts sat inside it.
+            key = prefix + (f"patch_embed.proj.{rest}" if rest in ("weight", "bias") else f"patch_embed.{rest}")
+        elif key.startswith(prefix) and name.startswith("embed."):  # cls_token, pos_embed
+            key = prefix + name.removeprefix("embed.")
+        renamed[key] = tensor
+    return renamed
 
 
 def _init_weights(module: nn.Module) -> None:

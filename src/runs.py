@@ -1,0 +1,135 @@
+"""A training run's policy, in the order train.py applies it: start fresh or resume, check that a
+checkpoint fits the model, decide what validation may choose, pick the checkpoint to test.
+
+The CLI (src/cli.py) only parses; everything here is plain code that `train.main` calls in order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from pytorch_lightning import LightningDataModule, LightningModule, Trainer
+from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor
+
+from src.checkpoints import load_for_resume, remove_partial_files
+from src.errors import ConfigError
+from src.models.vit import ARCHITECTURE, saved_settings, upgrade_state_dict
+
+
+@dataclass
+class Resume:
+    """The checkpoint a run continues from, read weights-only."""
+
+    path: Path
+    checkpoint: dict[str, Any]
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Raise a ConfigError unless `folder` exists and is writable or could be created; create nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is a file, not a folder" if existing.exists() and not existing.is_dir() else "is not writable"
+        raise ConfigError(f"cannot write to {folder}: {existing} {problem}; fix that or pass {option} with "
+                          "a writable folder")
+
+
+def start_or_resume(config: Any) -> Resume | None:
+    """Before anything is built: --fresh moves the old checkpoints aside; otherwise an existing
+    last.ckpt is the run to continue, and its TensorBoard version is reused so the curves go on."""
+    models_dir = Path(config.checkpoint.dirpath)
+    # Found now rather than after an epoch's work, when the first checkpoint is written.
+    check_writable(models_dir, "--checkpoint.dirpath")
+    check_writable(Path(config.trainer.default_root_dir or "."), "--trainer.default_root_dir")
+    save_dir = getattr(getattr(config.trainer.logger, "init_args", None), "save_dir", None)
+    if save_dir:
+        check_writable(Path(save_dir), "--trainer.logger.init_args.save_dir")
+    last = models_dir / "last.ckpt"
+    # Under DDP every rank runs this; only rank 0 touches the files.
+    if config.fresh:
+        if rank_zero_only.rank == 0 and models_dir.is_dir() and any(models_dir.iterdir()):
+            kept = models_dir.with_name(f"{models_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            models_dir.rename(kept)
+            rank_zero_info(f"Starting fresh: the previous checkpoints were moved to {kept}")
+        return None
+    if not last.is_file() or config.trainer.fast_dev_run:  # a smoke test does not resume
+        return None
+    if rank_zero_only.rank == 0:
+        for partial in remove_partial_files(models_dir):
+            rank_zero_info(f"Removed {partial}, left by a checkpoint write that was interrupted")
+    path, checkpoint = load_for_resume(last)
+    version = checkpoint.get("logger_version")
+    logger = config.trainer.logger
+    if version is not None and str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+        logger.init_args.version = version
+    return Resume(path, checkpoint)
+
+
+def fit_problems(saved: dict, wanted: dict, keys: Iterable[str], found: dict[str, Tensor],
+                 expected: dict[str, Tensor]) -> list[str]:
+    """Why a checkpoint (settings `saved`, weights `found`) does not fit a model (settings `wanted`,
+    weights `expected`), compared on the settings `keys` and on every tensor's name and shape; [] when
+    it fits. The one check behind resume, --model.init_from and classify.py."""
+    differ = [f"{k}={saved.get(k)!r} (here: {wanted.get(k)!r})" for k in keys if saved.get(k) != wanted.get(k)]
+    if differ:
+        return differ
+    shapes = {name: tuple(t.shape) for name, t in expected.items()}
+    stored = {name: tuple(t.shape) for name, t in found.items()}
+    problems = [f"{n}: checkpoint {stored[n]} vs model {shapes[n]}" for n in shapes if n in stored and stored[n] != shapes[n]]
+    problems += [f"{n} missing from the checkpoint" for n in shapes if n not in stored]
+    problems += [f"{n} not in this model" for n in stored if n not in shapes]
+    return problems
+
+
+def check_resumable(model: LightningModule, resume: Resume) -> None:
+    """Raise one clear ConfigError when the checkpoint to resume does not fit the configured model and data."""
+    checkpoint = resume.checkpoint
+    problems = fit_problems(saved_settings(checkpoint.get("hyper_parameters", {})), dict(model.hparams),
+                            (*ARCHITECTURE, "class_names"), upgrade_state_dict(checkpoint.get("state_dict", {}), prefix="model."),
+                            model.state_dict())
+    if problems:
+        raise ConfigError(
+            f"{resume.path} was trained with a different model or data: {'; '.join(problems[:3])}. "
+            "Resume with the settings it was trained with, or pass --fresh to start a new run "
+            "(the old checkpoints are kept)."
+        )
+
+
+def check_start(model: LightningModule, datamodule: LightningDataModule) -> None:
+    """Settings of the model and the data that only make sense together, checked before any work."""
+    hp = model.hparams
+    views = getattr(datamodule, "views", 1)
+    if hp.get("contrastive_weight", 0) > 0 and views != 2:
+        raise ConfigError(
+            f"model.contrastive_weight > 0 compares two augmented views of each image, but data.views "
+            f"is {views}: set data.views: 2 (as configs/flowers17-contrastive.yaml does)"
+        )
+    if hp.get("init_from") and not Path(hp.init_from).is_file():
+        raise ConfigError(
+            f"model.init_from: {hp.init_from} does not exist; train the backbone first "
+            "(e.g. python train.py --config configs/flowers17-pretrain.yaml) or pass --model.init_from PATH"
+        )
+
+
+def validation_may_choose(trainer: Trainer, datamodule: LightningDataModule) -> bool:
+    """Whether validation may choose when to stop and which checkpoint is tested.
+
+    Only when its images are held out of training. Otherwise (data.train_on: train+val) it scores
+    images the model trains on: it soon reaches 100 % and stops improving, which early stopping would
+    take for a plateau, and its best checkpoint is no choice. Then early stopping is removed here
+    and train.py tests the last weights.
+    """
+    if getattr(datamodule, "validation_held_out", True):
+        return True
+    stoppers = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
+    if stoppers:
+        trainer.callbacks = [c for c in trainer.callbacks if c not in stoppers]
+        rank_zero_info("Early stopping is off: the validation images are trained on (data.train_on)")
+    return False
