@@ -66,6 +66,9 @@ class ViTCLI(LightningCLI):
         """Parse the command line (or `args`); without --config, the recipe for this machine's hardware."""
         args = sys.argv[1:] if args is None else list(args)
         self.given = {a.split("=", 1)[0] for a in args if a.startswith("--")}  # the flags typed, not the configs'
+        for name in LINKED_TO_DATA:  # a link overrides its target silently: say where the value is set
+            if f"--data.{name}" in self.given or f"--data.init_args.{name}" in self.given:
+                raise ConfigError(f"--data.{name} is set by --model.{name} (part of the model's recipe); pass that")
         if "--config" not in self.given:
             recipe, why = default_recipe(flag_value(args, "--trainer.accelerator") or "auto")
             rank_zero_info(f"Recipe: configs/{recipe.name} ({why}); choose another with --config")

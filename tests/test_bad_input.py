@@ -162,6 +162,7 @@ CASES = [
     ("flowers-on-the-device", images, [*FOLDER, "--data", "Flowers17DataModule", "--data.augment_on", "device"],
      r"Flowers17DataModule augments in the loader only.*--data\.augment_on loader"),
     ("negative-mixup", images, [*FOLDER, "--model.mixup_alpha", "-1"], r"mixup_alpha and cutmix_alpha must be 0"),
+    ("mixup-on-the-data", images, [*FOLDER, "--data.cutmix_alpha", "1"], r"--data\.cutmix_alpha is set by --model\.cutmix_alpha"),
     ("init-from-missing", images, [*FOLDER, "--model.init_from", "nope.ckpt"], r"init_from: nope\.ckpt does not exist"),
     # --- checkpoints and folders ---
     ("resume-another-model", trained, [*FOLDER, "--model.dim", "32"], r"different model or data: dim=16"),

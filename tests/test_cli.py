@@ -111,6 +111,46 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
     assert last_step(tmp_path) == steps_one_epoch
 
 
+def as_written_before_timms_names(checkpoint: dict) -> dict:
+    """A checkpoint as train.py wrote it before the renaming: the ViT's patch projection, class token
+    and positions under `embed.`, no in_channels setting, no mixing options on the DataModule."""
+    def old(key: str) -> str:
+        for new, was in [("model.patch_embed.proj.weight", "model.embed.proj.proj.weight"),
+                         ("model.patch_embed.proj.bias", "model.embed.proj.proj.bias"),
+                         ("model.patch_embed.", "model.embed.proj."), ("model.cls_token", "model.embed.cls_token"),
+                         ("model.pos_embed", "model.embed.pos_embed")]:
+            if key.startswith(new):
+                return was + key.removeprefix(new)
+        return key
+    state = {old(k): v for k, v in checkpoint["state_dict"].items()}
+    assert "model.embed.proj.convs.0.0.weight" in state and "model.embed.cls_token" in state  # the conv stem's layout
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k != "in_channels"}
+    data = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if "mix" not in k}
+    return {**checkpoint, "state_dict": state, "hyper_parameters": hparams, "datamodule_hyper_parameters": data}
+
+
+def test_checkpoints_from_before_timms_names_resume_and_classify(tmp_path: Path, image_folder: Path):
+    run = [*TINY_RUN, "--data.root", str(image_folder)]
+    assert train(tmp_path, *run, "--trainer.max_epochs", "1").returncode == 0
+    last = tmp_path / "data/lightning/models/last.ckpt"
+    torch.save(as_written_before_timms_names(torch.load(last, weights_only=True)), last)
+    old = tmp_path / "old.ckpt"
+    old.write_bytes(last.read_bytes())
+
+    classified = subprocess.run([sys.executable, str(REPO / "classify.py"), "--checkpoint", str(old),
+                                 str(next((image_folder / "class_1").iterdir()))],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert classified.returncode == 0, classified.stderr
+    assert "class_" in classified.stdout
+    model = ViTClassifier.load_from_checkpoint(old, weights_only=True, map_location="cpu")
+    assert torch.equal(model.model.cls_token, torch.load(old, weights_only=True)["state_dict"]["model.embed.cls_token"])
+
+    resumed = train(tmp_path, *run, "--trainer.max_epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stderr and last_step(tmp_path) == 8  # 4 steps an epoch, continued
+    assert "model.patch_embed.proj.weight" in torch.load(last, weights_only=True)["state_dict"]  # saved in today's names
+
+
 def check_checkpoint_rebuilds_model_and_preprocessing(path: Path, image_folder: Path) -> None:
     """The checkpoint alone gives the network and the exact eval preprocessing of its data."""
     model = ViTClassifier.load_from_checkpoint(path, weights_only=True, map_location="cpu").eval()
