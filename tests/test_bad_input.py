@@ -24,7 +24,7 @@ IMAGES = "images"  # each case's image folder, relative to its working directory
 FAST = [
     "--config", str(REPO / "configs" / "cifar10-cpu.yaml"),
     "--data.num_workers", "0", "--data.batch_size", "8",
-    "--model.dim", "16", "--model.depth", "1", "--model.num_heads", "2",
+    "--model.dim", "16", "--model.depth", "1", "--model.num_heads", "2", "--model.stem_width", "0",
     "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
 ]

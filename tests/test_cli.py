@@ -28,6 +28,7 @@ TINY_RUN = [
     "--model.dim", "16",
     "--model.depth", "1",
     "--model.num_heads", "2",
+    "--model.stem_width", "0",  # the recipe's 32-64-128 stem would cost more than the dim-16 model itself
     "--model.warmup_epochs", "0.5",
     "--trainer.enable_progress_bar", "false",
     "--trainer.log_every_n_steps", "1",

@@ -222,7 +222,7 @@ def train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 EMA_RUN = [
     "--config", str(REPO / "configs" / "cifar10-cpu.yaml"),
     "--data", "ImageFolderDataModule", "--data.num_workers", "0", "--data.batch_size", "8",
-    "--model.dim", "16", "--model.depth", "1", "--model.num_heads", "2",
+    "--model.dim", "16", "--model.depth", "1", "--model.num_heads", "2", "--model.stem_width", "0",
     "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
     # The GPU recipe's switches, which the CPU recipe leaves off: one CLI run goes through all of them.
     "--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0", "--data.views", "2", "--data.erase_prob", "0.25",

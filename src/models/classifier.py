@@ -130,24 +130,29 @@ class ViTClassifier(pl.LightningModule):
 
     def __init__(
         self,
+        # optimiser and schedule
         lr: float = 1e-3,
         min_lr: float = 1e-5,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 5.0,
+        # training-loss regularisers (mixing is carried out by the DataModule)
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        # the contrastive term
         contrastive_weight: float = 0.0,
         temperature: float = 0.1,
         projection_dim: int = 128,
+        # where to start, how to run, how to evaluate
         init_from: str | None = None,
         compile: bool = False,
         flip_tta: bool = False,
+        # from the DataModule (linked by the CLI): what the outputs mean, how inputs were normalised
         class_names: list[str] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        **vit: Any,
+        **vit: Any,  # the network's settings: ViT's arguments
     ) -> None:
         super().__init__()
         if lr <= 0 or min_lr < 0 or min_lr > lr:

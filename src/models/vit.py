@@ -158,16 +158,20 @@ class ViT(nn.Module):
 
     def __init__(
         self,
+        # what it sees and says (under train.py, linked from the DataModule)
         num_classes: int = 10,
         image_size: int = 32,
         patch_size: int = 4,
         in_channels: int = 3,
+        # its size
         dim: int = 192,
         depth: int = 6,
         num_heads: int = 3,
         mlp_ratio: float = 2.0,
+        # regularisation (training only)
         dropout: float = 0.0,
         drop_path: float = 0.1,
+        # variants: conv stem instead of the patch projection, head on the mean token
         tokenizer: Tokenizer = "patch",
         global_pool: Pool = "token",
         stem_width: int = 0,
