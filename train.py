@@ -7,7 +7,6 @@ resumes from it (pass --fresh to start over); after fitting, the best checkpoint
 
 from __future__ import annotations
 
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -23,31 +22,17 @@ from src.errors import UserError
 def main(args: list[str] | None = None) -> None:
     """Parse; resume or start; fit; pick the checkpoint to test; test."""
     cli = ViTCLI(args=args)  # config files + flags, checked; nothing built yet
-    resume = runs.start_or_resume(cli.config)
+    resume = runs.start_or_resume(cli.config)  # None: a new run (--fresh, or no last.ckpt yet)
     cli.build()
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     runs.check_start(model, data)
-    if resume is not None:
-        runs.check_resumable(model, resume)
-        rank_zero_info(f"Resuming from {resume.path} (saved in epoch {resume.checkpoint['epoch']}, global step "
-                       f"{resume.checkpoint['global_step']}); pass --fresh to start a new run.")
+    ckpt_path = runs.resume_from(model, resume) if resume is not None else None
+    del resume  # fit() reads the file itself; do not hold a second copy
     validation_chooses = runs.validation_may_choose(trainer, data)
-    ckpt_path = resume.path if resume is not None else None
-    resume = None  # fit() reads the file itself; do not hold a second copy
-
     last = Path(cli.config.checkpoint.dirpath) / "last.ckpt"
-    new_log_dir = Path(trainer.logger.log_dir) if trainer.logger is not None and trainer.logger.log_dir else None
-    if new_log_dir is not None and new_log_dir.exists():
-        new_log_dir = None  # a resumed run writes into its old folder
-    try:
+    with runs.no_trace_if_refused(trainer, last):
         # Checkpoints are read weights-only everywhere: a file that holds code is refused, not run.
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    except UserError:
-        # Bad data or settings found before the run's first checkpoint: nothing of it can be resumed,
-        # so leave no half-begun run behind in TensorBoard either.
-        if new_log_dir is not None and not last.exists() and trainer.is_global_zero:
-            shutil.rmtree(new_log_dir, ignore_errors=True)
-        raise
 
     if not data.testable:
         rank_zero_info(f"Pre-training finished (no class-labelled test). Fine-tune from it with --model.init_from {last}")

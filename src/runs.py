@@ -7,10 +7,12 @@ The CLI (src/cli.py) only parses; everything here is plain code that `train.main
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.callbacks import EarlyStopping
@@ -18,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
 from src.checkpoints import load_for_resume, remove_partial_files
-from src.errors import ConfigError
+from src.errors import ConfigError, UserError
 from src.models.vit import ARCHITECTURE, saved_settings, upgrade_state_dict
 
 
@@ -88,8 +90,9 @@ def fit_problems(saved: dict, wanted: dict, keys: Iterable[str], found: dict[str
     return problems
 
 
-def check_resumable(model: LightningModule, resume: Resume) -> None:
-    """Raise one clear ConfigError when the checkpoint to resume does not fit the configured model and data."""
+def resume_from(model: LightningModule, resume: Resume) -> Path:
+    """The checkpoint to resume, once checked against the configured model and data and announced;
+    one clear ConfigError when it does not fit."""
     checkpoint = resume.checkpoint
     problems = fit_problems(saved_settings(checkpoint.get("hyper_parameters", {})), dict(model.hparams),
                             (*ARCHITECTURE, "class_names"), upgrade_state_dict(checkpoint.get("state_dict", {}), prefix="model."),
@@ -100,6 +103,9 @@ def check_resumable(model: LightningModule, resume: Resume) -> None:
             "Resume with the settings it was trained with, or pass --fresh to start a new run "
             "(the old checkpoints are kept)."
         )
+    rank_zero_info(f"Resuming from {resume.path} (saved in epoch {checkpoint.get('epoch')}, global step "
+                   f"{checkpoint.get('global_step')}); pass --fresh to start a new run.")
+    return resume.path
 
 
 def check_start(model: LightningModule, datamodule: LightningDataModule) -> None:
@@ -133,3 +139,18 @@ def validation_may_choose(trainer: Trainer, datamodule: LightningDataModule) -> 
         trainer.callbacks = [c for c in trainer.callbacks if c not in stoppers]
         rank_zero_info("Early stopping is off: the validation images are trained on (data.train_on)")
     return False
+
+
+@contextmanager
+def no_trace_if_refused(trainer: Trainer, last: Path) -> Iterator[None]:
+    """Bad data or settings found before a new run's first checkpoint (a UserError): nothing of the run
+    can be resumed, so its TensorBoard folder goes too; a resumed run keeps its old folder."""
+    logger = trainer.logger
+    log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
+    new = log_dir is not None and not log_dir.exists()
+    try:
+        yield
+    except UserError:
+        if new and not last.exists() and trainer.is_global_zero:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        raise

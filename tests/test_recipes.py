@@ -22,7 +22,7 @@ from src.images import CIFAR10_MEAN, CIFAR10_STD, hflip_patches, patchify, unpat
 from src.inference import Classifier, load_classifier
 from src.models.classifier import ViTClassifier, evaluation_logits
 from src.models.vit import ConvStem, ViT
-from src.runs import Resume, check_resumable
+from src.runs import Resume, resume_from
 
 TINY = dict(num_classes=10, image_size=16, patch_size=4, dim=32, depth=2, num_heads=2, drop_path=0.0,
             label_smoothing=0.0)
@@ -80,14 +80,14 @@ def test_checkpoints_from_before_an_architecture_option_still_fit(tmp_path: Path
     model = ViTClassifier(**TINY, **base)
     hparams = {k: v for k, v in model.hparams.items() if k != option}
     checkpoint = {"hyper_parameters": hparams, "state_dict": model.state_dict()}
-    check_resumable(model, Resume(tmp_path / "old.ckpt", checkpoint))  # read with the option's old value
+    resume_from(model, Resume(tmp_path / "old.ckpt", checkpoint))  # read with the option's old value
     torch.save(checkpoint, tmp_path / "old.ckpt")
     rebuilt = load_classifier(tmp_path / "old.ckpt")
     assert rebuilt.hparams[option] == old
     assert all(torch.equal(rebuilt.model.state_dict()[k], v) for k, v in model.model.state_dict().items())
     ViTClassifier(**TINY, **base).load_backbone(tmp_path / "old.ckpt")
     with pytest.raises(ConfigError, match=f"{option}={old!r}"):
-        check_resumable(ViTClassifier(**TINY, **{**base, option: new}), Resume(tmp_path / "old.ckpt", checkpoint))
+        resume_from(ViTClassifier(**TINY, **{**base, option: new}), Resume(tmp_path / "old.ckpt", checkpoint))
     with pytest.raises(ConfigError, match=f"{option}={old!r}"):
         ViTClassifier(**TINY, **{**base, option: new}).load_backbone(tmp_path / "old.ckpt")
 
