@@ -109,10 +109,13 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1200, help="seconds per run: train.py's --trainer.max_time")
     parser.add_argument("--data", choices=["folder", "cifar10"], default="folder",
                         help="folder: an image folder (--data-root) with CIFAR-10 statistics; cifar10: the archive")
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared/datasets/cifar10-subset"))
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared/datasets/cifar10-subset"),
+                        help="the images (default: ../shared/datasets/cifar10-subset beside the repository)")
     parser.add_argument("--json", help="write the results and curves here")
     parser.add_argument("overrides", nargs="*", help="extra flags for every run, after --, e.g. -- --seed_everything 1")
     args = parser.parse_args()
+    if not Path(args.data_root).is_dir():
+        parser.error(f"--data-root {args.data_root} does not exist: pass the folder that holds the images")
 
     scratch = Path(tempfile.mkdtemp(prefix="accuracy-bench-"))
     data = (["--data", "ImageFolderDataModule", "--data.root", str(Path(args.data_root).resolve())]

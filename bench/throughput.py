@@ -386,7 +386,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=7)
     parser.add_argument("--no-reference", action="store_true", help="skip timm")
     parser.add_argument("--end-to-end", action="store_true", help="through the real DataModule and Trainer")
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets" / "cifar10-subset"))
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets" / "cifar10-subset"),
+                        help="the images (default: ../shared/datasets/cifar10-subset beside the repository)")
     parser.add_argument("--augment-on", default="device", choices=["device", "loader"])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--images", type=int, default=None,
@@ -396,6 +397,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     precision = args.precision or default_precision(device.type)[0]
+    if args.end_to_end and not Path(args.data_root).is_dir():
+        parser.error(f"--data-root {args.data_root} does not exist: pass the folder that holds the images")
     if args.end_to_end:
         end_to_end_mode(args, device, precision)
     else:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from src.checkpoints import not_ours, read_checkpoint
@@ -103,7 +103,8 @@ def export_safetensors(classifier: Classifier, out: Path) -> None:
         metadata["datamodule"] = json.dumps(classifier.data_hparams, default=list)
     state = {k: v.detach().cpu().contiguous() for k, v in classifier.model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata=metadata)
+    # Written by Python, not by safetensors' own writer (which makes owner-only files): a file to share.
+    out.write_bytes(save(state, metadata=metadata))
 
 
 def newest_last_checkpoint(runs_dir: Path = RUNS_DIR) -> Path | None:

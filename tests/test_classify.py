@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -116,6 +117,9 @@ def test_export_safetensors_round_trip(in_run: Path, capsys, tmp_path: Path):
     code, out, _ = classify_main(capsys, "--checkpoint", "data/lightning/models/last.ckpt",
                                  "--export", str(exported))
     assert code == 0 and exported.is_file() and f"Exported weights and settings to {exported}" in out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert exported.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others, as any file the user writes
     image = str(in_run / "images" / "class_1" / "003.png")
     _, from_ckpt, _ = classify_main(capsys, image, "--json", "--checkpoint", "data/lightning/models/last.ckpt")
     _, from_st, _ = classify_main(capsys, image, "--json", "--checkpoint", str(exported))

@@ -128,6 +128,25 @@ def test_sigterm_and_ctrl_c_save_then_resume(tmp_path: Path, images: Path):
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_saves_with_loader_workers(tmp_path: Path, images: Path):
+    """`timeout`, `kill -- -PGID` and schedulers signal every process, the loader workers too."""
+    args = command(images, "--trainer.max_epochs", "40", "--data.augment_on", "loader", "--data.num_workers", "2")
+    last = tmp_path / MODELS / "last.ckpt"
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # its own process group, as a job's
+    while not last.exists():
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    before = read_last(tmp_path)["global_step"]
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    assert "Stopped by SIGTERM" in output and "Traceback" not in output
+    assert read_last(tmp_path)["global_step"] > before
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path: Path, images: Path):
     args = command(images, "--trainer.max_epochs", "2", "--step_checkpoint.every_n_train_steps", "1")
     good = train(tmp_path, *args[2:], "--trainer.max_epochs", "1")

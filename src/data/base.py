@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from functools import cached_property
 from typing import Any, Callable, Literal, Sequence
 
@@ -17,6 +18,15 @@ from src.data.device import BatchAugment, DeviceImages
 from src.data.transforms import Augment, batch_mix, erasing, eval_transform, train_transform
 from src.images import patch_grid, patchify
 from src.errors import ConfigError
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM and SIGINT to the training process, which stops after saving
+    (src.callbacks.StopOnSignal) and then shuts them down. `timeout`, `kill -- -PGID`, a terminal's
+    Ctrl-C and cluster schedulers signal every process of the job: without this a worker would die
+    first and take the run down with it, unsaved."""
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def default_num_workers() -> int:
@@ -254,6 +264,7 @@ class ImageDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
