@@ -31,7 +31,7 @@ FAST = [
 FOLDER = [*FAST, "--data", "ImageFolderDataModule", "--data.root", IMAGES]
 CIFAR = [*FAST, "--data", "CIFAR10DataModule", "--data.root", "cifar", "--data.download", "false"]
 FLOWERS = [*FAST, "--data", "Flowers17DataModule", "--data.root", "flowers", "--data.download", "false",
-           "--data.image_size", "16", "--data.patch_size", "4", "--data.augment_on", "loader"]
+           "--data.image_size", "16", "--data.patch_size", "4"]
 
 
 def images(cwd: Path) -> None:
@@ -159,8 +159,6 @@ CASES = [
     ("erase-prob-out-of-range", images, [*FOLDER, "--data.erase_prob", "2"], r"erase_prob must be in \[0, 1\]"),
     ("conv-tokenizer-odd-patch", images, [*FOLDER, "--model.tokenizer", "conv", "--data.patch_size", "6",
                                           "--data.image_size", "24"], r"needs a patch_size that is a power of 2"),
-    ("flowers-on-the-device", images, [*FOLDER, "--data", "Flowers17DataModule", "--data.augment_on", "device"],
-     r"Flowers17DataModule augments in the loader only.*--data\.augment_on loader"),
     ("negative-mixup", images, [*FOLDER, "--model.mixup_alpha", "-1"], r"mixup_alpha and cutmix_alpha must be 0"),
     ("mixup-on-the-data", images, [*FOLDER, "--data.cutmix_alpha", "1"], r"--data\.cutmix_alpha is set by --model\.cutmix_alpha"),
     ("init-from-missing", images, [*FOLDER, "--model.init_from", "nope.ckpt"], r"init_from: nope\.ckpt does not exist"),

@@ -17,6 +17,7 @@ from conftest import FLOWERS17, REPO, image_number
 import src.data.flowers17 as flowers
 from src.data import Flowers17, Flowers17DataModule
 from src.errors import ConfigError, DataError
+from src.images import unpatchify
 from test_cli import train
 
 
@@ -183,6 +184,26 @@ def test_two_views_are_two_different_augmentations(flowers17: Path):
     assert patches.shape == (4, 8 * 8 * 3)  # evaluation: one view
     batch, _ = dm.training_batch(next(iter(dm.train_dataloader())))
     assert batch.shape == (dm.batch_size, 2, 4, 192)  # (B, V, N, P*P*C)
+
+
+@pytest.mark.parametrize("targets", ["class", "instance"])
+def test_device_augmentation_of_the_cached_photos(flowers17: Path, targets: str):
+    dm = datamodule(flowers17, augment_on="device", views=2, targets=targets, augment="none")
+    dm.setup("fit")
+    assert len(dm.train_set) == 680 and dm.batch_augment.size == 16  # crops of the 32 px cache, to 16 px
+    files = [k + 1 for k in dm.splits(Flowers17(flowers17, 32, flowers17.parent / "cache"))["train"]]
+    indices = torch.tensor([0, 5, 679])
+    labels = dm.train_set.targets[indices]
+    expected = indices if targets == "instance" else torch.tensor([flowers.label_of(files[i]) for i in indices])
+    assert torch.equal(labels, expected)
+    dm.trainer = type("T", (), {"training": True})()
+    patches, out = dm.on_after_batch_transfer((indices, labels), 0)
+    assert patches.shape == (3, 2, 4, 8 * 8 * 3) and torch.equal(out, labels)  # (B, V, N, P*P*C)
+    # Each view is a crop of the right photo (the synthetic photos' colour encodes their number).
+    mean, std = torch.tensor(dm.mean)[:, None, None], torch.tensor(dm.std)[:, None, None]
+    for view in (0, 1):
+        pixels = ((unpatchify(patches[:, view], 8) * std + mean) * 255).round()  # (B, C, H, W)
+        assert [image_number(image) for image in pixels] == [files[i] for i in indices]
 
 
 def test_instance_targets_are_dataset_indices_stable_under_shuffling(flowers17: Path):

@@ -130,6 +130,29 @@ def test_device_crop_and_flip_are_per_image_reflect_crops_with_uniform_offsets()
     assert (out != images).flatten(1).any(1).float().mean() > 0.9  # and images do move
 
 
+def test_device_resized_crop_is_an_antialiased_resize_of_a_torchvision_box():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    whole = BatchAugment((0.5,) * 3, (0.5,) * 3, "none", crop_scale=(1.0, 1.0), size=16)
+    out = whole.resized_crop_and_flip(images)
+    assert out.shape == (64, 3, 16, 16) and out.dtype == torch.uint8
+    # The whole image at half size is the mean of each 2x2 block (an area resize), maybe mirrored.
+    halved = F.avg_pool2d(images.float(), 2).round()
+    same = (out.float() == halved).flatten(1).all(1)
+    mirrored = (out.float() == halved.flip(-1)).flatten(1).all(1)
+    assert (same | mirrored).all() and 0.3 < mirrored.float().mean() < 0.7
+    # A coordinate image shows each box: its area share stays in crop_scale, its place varies.
+    x = torch.arange(64.0).expand(64, 64)
+    coords = torch.stack([x, x.T, torch.zeros(64, 64)]).expand(300, 3, 64, 64).to(torch.uint8)  # R = column, G = row
+    part = BatchAugment((0.5,) * 3, (0.5,) * 3, "none", crop_scale=(0.3, 0.5), size=16).resized_crop_and_flip(coords)
+    cols, rows = part[:, 0].float(), part[:, 1].float()
+    width = (cols.amax((1, 2)) - cols.amin((1, 2))) * 16 / 15  # span of the sampled columns, ~ box width
+    height = (rows.amax((1, 2)) - rows.amin((1, 2))) * 16 / 15
+    share = width * height / 64**2
+    assert share.min() > 0.25 and share.max() < 0.56, (share.min(), share.max())
+    assert cols.amin((1, 2)).std() > 3  # boxes start in different places
+
+
 def test_device_augmentation_output_is_normalised_valid_images():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)

@@ -215,13 +215,16 @@ class ImageDataModule(pl.LightningDataModule):
         """Deterministic preprocessing for validation, test and classify.py."""
         return eval_transform(self.image_size, self.patch_size, self.mean, self.std)
 
+    def device_augment(self) -> BatchAugment:
+        """`train_transform` for batches on the device: reflect-padded crops of `image_size` images."""
+        return BatchAugment(self.mean, self.std, self.augment, padding=self.image_size // 8,  # as train_transform's
+                            erase_prob=self.erase_prob)
+
     def device_train_set(self, images: Tensor, targets: Sequence[int]) -> DeviceImages:
         """The training split as uint8 images (N, H, W, 3) augmented on the device (augment_on: device)."""
-        if tuple(images.shape[1:3]) != (self.image_size, self.image_size):
+        self.batch_augment = self.device_augment()
+        if self.batch_augment.size is None and tuple(images.shape[1:3]) != (self.image_size, self.image_size):
             raise ConfigError(f"device augmentation needs {self.image_size}px images, got {tuple(images.shape)}")
-        self.batch_augment = BatchAugment(self.mean, self.std, self.augment,
-                                          padding=self.image_size // 8,  # as train_transform's crop
-                                          erase_prob=self.erase_prob)
         return DeviceImages(images, targets)
 
     def training_batch(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

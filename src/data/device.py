@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from src.data.transforms import Augment, erasing, policy
@@ -51,7 +52,8 @@ def reflect(index: Tensor, size: int) -> Tensor:
 
 class BatchAugment(nn.Module):
     """Per-image random crop (reflect padding) and flip, a torchvision v2 policy, normalise, random
-    erasing: `train_transform` for a whole batch.
+    erasing: `train_transform` for a whole batch. With `crop_scale` the crop is instead a random
+    resized crop to `size` (`photo_train_transform`'s), for photos stored larger than they train.
 
     Input (B, C, H, W) uint8 on any device; output (B, C, H, W) float32 on the same device. Crop and
     flip are drawn per image and done in one gather. The policy (RandAugment, AutoAugment, ...) is
@@ -69,10 +71,15 @@ class BatchAugment(nn.Module):
         padding: int = 4,
         group_size: int = 8,
         erase_prob: float = 0.0,
+        crop_scale: tuple[float, float] | None = None,
+        size: int | None = None,
     ) -> None:
         super().__init__()
         if padding < 0 or group_size < 1:
             raise ConfigError(f"need padding >= 0 and group_size >= 1, got {padding} and {group_size}")
+        if (crop_scale is None) != (size is None):
+            raise ConfigError("a random resized crop needs both crop_scale and size")
+        self.crop_scale, self.size = crop_scale, size
         self.padding = padding
         self.group_size = group_size
         ops = policy(augment)
@@ -97,10 +104,26 @@ class BatchAugment(nn.Module):
         out = images[batch, :, rows.view(B, H, 1), cols.view(B, 1, W)]  # (B, H, W, C)
         return out.permute(0, 3, 1, 2)  # (B, C, H, W)
 
+    def resized_crop_and_flip(self, images: Tensor) -> Tensor:
+        """Each image's random resized crop (torchvision's box distribution: `crop_scale` of the area,
+        aspect ratio 3/4 to 4/3) scaled to `size` px and mirrored with p = 0.5: (B, C, size, size) uint8.
+
+        All boxes are cut and resized in one `roi_align` call, whose adaptive sampling averages every
+        source pixel under an output pixel, as an antialiased resize does."""
+        B = len(images)
+        boxes = torch.empty(B, 5)
+        for b in range(B):  # torchvision's own sampling of the box, per image
+            top, left, h, w = v2.RandomResizedCrop.get_params(images[b], list(self.crop_scale), [3 / 4, 4 / 3])
+            boxes[b] = torch.tensor([b, left, top, left + w, top + h])
+        out = roi_align(images.float(), boxes.to(images.device), (self.size, self.size), aligned=True)  # (B, C, S, S)
+        flip = torch.rand(B, 1, 1, 1, device=images.device) < 0.5
+        out = torch.where(flip, out.flip(-1), out)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+
     def forward(self, images: Tensor) -> Tensor:
         if images.dtype != torch.uint8:
             raise ValueError(f"BatchAugment takes uint8 images, got {images.dtype}")
-        x = self.crop_and_flip(images).contiguous()
+        x = (self.resized_crop_and_flip(images) if self.crop_scale else self.crop_and_flip(images)).contiguous()
         if self.policy is not None:
             # Groups drawn at random, so the copies of an image that a batch may hold (views) or
             # neighbours in the sampler's order do not share their operations.

@@ -27,6 +27,7 @@ from torchvision.datasets.utils import check_integrity, download_and_extract_arc
 from tqdm.auto import tqdm
 
 from src.data.base import ImageDataModule, TransformedSubset, stratified_split
+from src.data.device import BatchAugment
 from src.data.transforms import photo_train_transform
 from src.images import IMAGENET_MEAN, IMAGENET_STD
 from src.errors import ConfigError, DataError
@@ -216,9 +217,6 @@ class Flowers17DataModule(ImageDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(patch_size=patch_size, batch_size=batch_size, **kwargs)
-        if self.augment_on != "loader":
-            raise ConfigError("Flowers17DataModule augments in the loader only: its random resized crops of photos "
-                              "have no device-side version; pass --data.augment_on loader (configs/flowers17*.yaml do)")
         if split not in (1, 2, 3):
             raise ConfigError(f"split must be 1, 2 or 3 (the three official splits), got {split}")
         if targets not in ("class", "instance"):
@@ -259,6 +257,11 @@ class Flowers17DataModule(ImageDataModule):
         return photo_train_transform(self.image_size, self.mean, self.std, self.augment, self.crop_scale,
                                      self.erase_prob)
 
+    def device_augment(self) -> BatchAugment:
+        """`photo_train_transform` for batches on the device: random resized crops of the cached photos."""
+        return BatchAugment(self.mean, self.std, self.augment, erase_prob=self.erase_prob,
+                            crop_scale=self.crop_scale, size=self.image_size)
+
     def prepare_data(self) -> None:
         # One process per node: download, then decode into the on-disk cache that setup() reads.
         if self.download:
@@ -297,7 +300,11 @@ class Flowers17DataModule(ImageDataModule):
             rank_zero_info(f"Flowers-17: training on train + val ({len(training)} images); the validation "
                            "metrics score images the model trains on")
         instance = self.targets == "instance"
-        self.train_set = TransformedSubset(dataset, training, self.train_transform, self.views, instance)
+        if self.augment_on == "device":  # the decoded cache, (N, 3, S, S) uint8, held as (N, S, S, 3)
+            labels = range(len(training)) if instance else [dataset.targets[i] for i in training]
+            self.train_set = self.device_train_set(dataset.images[training].permute(0, 2, 3, 1), labels)
+        else:
+            self.train_set = TransformedSubset(dataset, training, self.train_transform, self.views, instance)
         if instance:
             self.val_set = TransformedSubset(dataset, training, self.eval_transform, instance_targets=True)
         else:
