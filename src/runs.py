@@ -127,17 +127,22 @@ def check_start(model: LightningModule, datamodule: LightningDataModule) -> None
 def validation_may_choose(trainer: Trainer, datamodule: LightningDataModule) -> bool:
     """Whether validation may choose when to stop and which checkpoint is tested.
 
-    Only when its images are held out of training. Otherwise (data.train_on: train+val) it scores
-    images the model trains on: it soon reaches 100 % and stops improving, which early stopping would
-    take for a plateau, and its best checkpoint is no choice. Then early stopping is removed here
-    and train.py tests the last weights.
+    Only when there is a validation and its images are held out of training. With data.train_on:
+    train+val it scores images the model trains on: it soon reaches 100 % and stops improving, which
+    early stopping would take for a plateau, and its best checkpoint is no choice. Without one
+    (--trainer.limit_val_batches 0) there is nothing to choose by. Then early stopping is removed
+    here and train.py tests the last weights.
     """
-    if getattr(datamodule, "validation_held_out", True):
+    if not getattr(datamodule, "validation_held_out", True):
+        why = "the validation images are trained on (data.train_on)"
+    elif trainer.limit_val_batches == 0:
+        why = "there is no validation (--trainer.limit_val_batches 0)"
+    else:
         return True
     stoppers = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
     if stoppers:
         trainer.callbacks = [c for c in trainer.callbacks if c not in stoppers]
-        rank_zero_info("Early stopping is off: the validation images are trained on (data.train_on)")
+        rank_zero_info(f"Early stopping is off: {why}")
     return False
 
 

@@ -176,6 +176,14 @@ def test_last_ckpt_follows_every_epoch_even_on_a_plateau(tmp_path: Path, image_f
     assert last_step(tmp_path) == 3 * 4
 
 
+def test_a_run_without_validation_trains_and_tests_the_last_weights(tmp_path: Path, image_folder: Path):
+    result = train(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.max_epochs", "1",
+                   "--trainer.limit_val_batches", "0")
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "Early stopping is off: there is no validation" in output and "(checkpoint: last weights)" in output
+
+
 def test_fast_dev_run_neither_resumes_nor_leaves_a_checkpoint(tmp_path: Path, image_folder: Path):
     result = train(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.fast_dev_run", "true")
     assert result.returncode == 0, result.stderr
