@@ -11,8 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
 from pytorch_lightning.callbacks import WeightAveraging
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from src import runs
 from src.cli import ViTCLI
@@ -54,6 +55,13 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def peer_stopped(error: BaseException) -> bool:
+    """Whether a DDP rank other than 0 failed only because another process of the run exited first
+    (that process prints why): gloo reports it as a closed connection."""
+    return rank_zero_only.rank != 0 and (
+        isinstance(error, torch.distributed.DistNetworkError) or "Connection closed by peer" in str(error))
+
+
 def run(args: list[str] | None = None) -> int:
     """train.py's exit status: 0 when done, 2 for a problem the user can fix (one line on stderr).
 
@@ -67,6 +75,12 @@ def run(args: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside training (start-up, testing); training itself stops in StopOnSignal
         print("Interrupted outside training; the checkpoints already written are kept.", file=sys.stderr)
         return 128 + signal.SIGINT
+    except Exception as error:
+        if not peer_stopped(error):
+            raise
+        print(f"error: rank {rank_zero_only.rank} stopped: another process of the run stopped first "
+              "(its error is above)", file=sys.stderr)
+        return 2
     return 0
 
 

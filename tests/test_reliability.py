@@ -261,6 +261,18 @@ def final_state(cwd: Path) -> tuple[dict, float]:
 
 
 @pytest.mark.slow
+def test_ddp_with_missing_data_is_one_line_from_each_rank(tmp_path: Path):
+    """Rank 0 finds the data missing while preparing it; rank 1, waiting for it, says so in one line."""
+    result = train(tmp_path, *TINY_RUN, "--data", "CIFAR10DataModule", "--data.root", "cifar", "--data.download",
+                   "false", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors[0].startswith("error: CIFAR-10 is not in cifar/"), errors
+    assert len(errors) == 2 and "rank 1 stopped: another process of the run stopped first" in errors[1], errors
+
+
+@pytest.mark.slow
 def test_two_process_cpu_ddp_matches_one_process(tmp_path: Path):
     """gloo DDP, 2 ranks x batch 24 against 1 process x batch 48 (the whole training set, so both take
     the same full-batch steps): the same weights and the same synced validation loss."""
