@@ -36,7 +36,8 @@ def main(args: list[str] | None = None) -> None:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
 
     if not data.testable:
-        rank_zero_info(f"Pre-training finished (no class-labelled test). Fine-tune from it with --model.init_from {last}")
+        rank_zero_info("Pre-training finished (no class-labelled test). Fine-tune from it with "
+                       f"--model.init_from {last}")
         return
     best = cli.best_checkpoint.best_model_path if validation_chooses else ""  # else: the last weights
     # Weight averaging (--ema) has put the average into every checkpoint; left attached, the callback

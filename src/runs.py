@@ -84,7 +84,8 @@ def fit_problems(saved: dict, wanted: dict, keys: Iterable[str], found: dict[str
         return differ
     shapes = {name: tuple(t.shape) for name, t in expected.items()}
     stored = {name: tuple(t.shape) for name, t in found.items()}
-    problems = [f"{n}: checkpoint {stored[n]} vs model {shapes[n]}" for n in shapes if n in stored and stored[n] != shapes[n]]
+    problems = [f"{n}: checkpoint {stored[n]} vs model {shapes[n]}"
+                for n in shapes if n in stored and stored[n] != shapes[n]]
     problems += [f"{n} missing from the checkpoint" for n in shapes if n not in stored]
     problems += [f"{n} not in this model" for n in stored if n not in shapes]
     return problems
@@ -94,9 +95,9 @@ def resume_from(model: LightningModule, resume: Resume) -> Path:
     """The checkpoint to resume, once checked against the configured model and data and announced;
     one clear ConfigError when it does not fit."""
     checkpoint = resume.checkpoint
-    problems = fit_problems(saved_settings(checkpoint.get("hyper_parameters", {})), dict(model.hparams),
-                            (*ARCHITECTURE, "class_names"), upgrade_state_dict(checkpoint.get("state_dict", {}), prefix="model."),
-                            model.state_dict())
+    saved = saved_settings(checkpoint.get("hyper_parameters", {}))
+    weights = upgrade_state_dict(checkpoint.get("state_dict", {}), prefix="model.")
+    problems = fit_problems(saved, dict(model.hparams), (*ARCHITECTURE, "class_names"), weights, model.state_dict())
     if problems:
         raise ConfigError(
             f"{resume.path} was trained with a different model or data: {'; '.join(problems[:3])}. "
