@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+from src import rng
 from src.errors import ConfigError
 from src.models.classifier import WarmupCosine, evaluation_logits
 from src.visualize import attention_rollout, confusion_figure, prediction_figure, to_pixels
@@ -108,6 +109,49 @@ class StopOnSignal(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore()
+
+
+class ExactResume(Callback):
+    """Every training checkpoint holds each process's random state; a resumed run restores it just
+    before its first batch, so from there on it draws what the uninterrupted run draws (augmentation,
+    MixUp/CutMix, erasing, stochastic depth, dropout). The data order and the loader workers' random
+    state resume with the training loader (StatefulDataLoader, src.data.base).
+
+    Restored in `on_train_start`: after the sanity check (which Lightning runs on an isolated random
+    state) and after the training loader is set up, and before any batch. Loaders draw nothing from
+    this state (they have their own generators), so nothing else moves it in between, in this run
+    or in the one that saved it.
+    """
+
+    def __init__(self) -> None:
+        self._trainer: Trainer | None = None
+        self._saved: list[dict[str, Any]] | None = None  # one per rank, from the checkpoint resumed
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        state = rng.capture()
+        trainer = self._trainer
+        ranks = [state]
+        # Every rank writes its checkpoint's contents (rank 0 alone writes the file): gather them all.
+        if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+            ranks = [None] * trainer.world_size
+            torch.distributed.all_gather_object(ranks, state)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved = state_dict.get("ranks")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        saved, self._saved = self._saved, None
+        if not saved:
+            return
+        if len(saved) != trainer.world_size:
+            rank_zero_info(f"The checkpoint was saved by {len(saved)} processes, this run has {trainer.world_size}: "
+                           "training goes on from it, with random draws an uninterrupted run would not make")
+            return
+        rng.restore(saved[trainer.global_rank])
 
 
 class TimeBudget(Callback):

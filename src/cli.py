@@ -16,7 +16,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from src.callbacks import KeepLoggerVersion, StepCheckpoint, StopOnSignal, TensorBoardPictures, TimeBudget
+from src.callbacks import ExactResume, KeepLoggerVersion, StepCheckpoint, StopOnSignal, TensorBoardPictures, TimeBudget
 from src.checkpoints import SafeCheckpointIO
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule
@@ -57,7 +57,7 @@ class ViTCLI(LightningCLI):
                     # not with a placeholder hp_metric at the start.
                     "init_args": {"save_dir": ROOT_DIR, "default_hp_metric": False},
                 },
-                "callbacks": [KeepLoggerVersion(), StopOnSignal(), TimeBudget()],
+                "callbacks": [KeepLoggerVersion(), StopOnSignal(), TimeBudget(), ExactResume()],
             },
             **kwargs,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from functools import cached_property
 from typing import Any, Callable, Literal, Sequence
 
@@ -11,9 +12,11 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
+from src import rng
 from src.data.device import BatchAugment, DeviceImages
 from src.data.transforms import Augment, batch_mix, erasing, eval_transform, train_transform
 from src.images import patch_grid, patchify
@@ -100,6 +103,15 @@ class TransformedSubset(Dataset):
         if self.views == 1:
             return self.transform(image), target
         return torch.stack([self.transform(image) for _ in range(self.views)]), target  # (V, ...)
+
+    def state_dict(self) -> dict[str, Any]:
+        # In the training process (no workers) the augmentations draw from its own random state,
+        # which src.callbacks.ExactResume saves.
+        return rng.capture() if get_worker_info() is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and get_worker_info() is not None:
+            rng.restore(state)
 
 
 # Where training images are augmented: one by one (PIL) in loader processes, or a batch at a time
@@ -255,26 +267,35 @@ class ImageDataModule(pl.LightningDataModule):
             return batch
         return self.training_batch(batch)
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, training: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split yet")
         # Device-side images need no loader processes: a batch is a list of indices.
         workers = 0 if isinstance(dataset, DeviceImages) else self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            worker_init_fn=ignore_stop_signals if workers > 0 else None,
-        )
+        options = dict(batch_size=self.batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                       persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals if workers > 0 else None)
+        # Its own generator (the workers' seeds): loaders draw nothing from the training's random state.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, as Lightning's own samplers use
+        generator = torch.Generator().manual_seed(seed)
+        if not training:
+            return DataLoader(dataset, shuffle=False, generator=generator, **options)
+        # The order of epoch e is a function of (seed, e) alone, for this process's share of the images;
+        # StatefulDataLoader saves how far into it training got (and the workers' random state), and
+        # Lightning stores that in every checkpoint and restores it on resume.
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        # Lightning sets the epoch at each epoch's start; a run resumed mid-epoch needs it before that.
+        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch has deprecated
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            return StatefulDataLoader(dataset, sampler=sampler, generator=generator, **options)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, training=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set)

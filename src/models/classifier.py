@@ -41,16 +41,27 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: f
 
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     """`warmup_cosine` as a per-step scheduler. `time_progress` is kept current by the TimeBudget
-    callback when the run has a --trainer.max_time; without one it stays 0 and the steps decide."""
+    callback when the run has a --trainer.max_time; without one it stays 0 and the steps decide.
+
+    Its length is set by `plan` when training starts (ViTClassifier.on_train_start); until then the
+    learning rates are the optimiser's own.
+    """
 
     # Planned from this run's settings; a resumed run restores its position, not an old plan.
     PLAN = ("warmup_steps", "total_steps", "min_ratio")
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: float,
-                 min_ratio: float) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, min_ratio: float, warmup_steps: int = 0,
+                 total_steps: float = math.inf) -> None:
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
         self.time_progress = 0.0
         super().__init__(optimizer)
+
+    def plan(self, warmup_steps: int, total_steps: float) -> None:
+        """Set the schedule's length, and the learning rates of the step it is at."""
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
 
     def get_lr(self) -> list[float]:
         factor = warmup_cosine(self.last_epoch, self.warmup_steps, self.total_steps, self.min_ratio,
@@ -292,11 +303,14 @@ class ViTClassifier(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(param_groups(self, hp.weight_decay), lr=hp.lr, betas=hp.betas)
-        # inf when only --trainer.max_time bounds the run: then the time budget ends the cosine.
-        total_steps = self.trainer.estimated_stepping_batches
-        if self.trainer.train_dataloader is None:  # an unbounded run did not need it for the estimate
-            self.trainer.fit_loop.setup_data()
-        steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
-        warmup_steps = int(min(hp.warmup_epochs * steps_per_epoch, total_steps))
-        scheduler = WarmupCosine(optimizer, warmup_steps, total_steps, hp.min_lr / hp.lr)
+        scheduler = WarmupCosine(optimizer, hp.min_lr / hp.lr)  # its length is planned in on_train_start
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # Planned here, not in configure_optimizers: counting the steps sets up the training data, and
+        # set up before a checkpoint is restored, Lightning 2.6 never restores the loader's position
+        # (Lightning issue 20550), so a resumed run would not see the batches it left off at.
+        total_steps = self.trainer.estimated_stepping_batches  # inf when only --trainer.max_time bounds the run
+        steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
+        warmup_steps = int(min(self.hparams.warmup_epochs * steps_per_epoch, total_steps))
+        self.lr_schedulers().plan(warmup_steps, total_steps)
