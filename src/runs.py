@@ -106,6 +106,9 @@ def resume_from(model: LightningModule, resume: Resume) -> Path:
         )
     rank_zero_info(f"Resuming from {resume.path} (saved in epoch {checkpoint.get('epoch')}, global step "
                    f"{checkpoint.get('global_step')}); pass --fresh to start a new run.")
+    if "ExactResume" not in checkpoint.get("callbacks", {}):  # src.callbacks.ExactResume's state
+        rank_zero_info("Note: this checkpoint predates exact resume (it holds no random state or data position): "
+                       "training goes on from it, but not with the batches and random draws of an uninterrupted run.")
     return resume.path
 
 

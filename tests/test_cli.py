@@ -74,6 +74,9 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
     assert state["lr_schedulers"][0]["last_epoch"] == 3 * steps_one_epoch  # schedule continued
     assert state["optimizer_states"][0]["state"][0]["step"] == 3 * steps_one_epoch  # AdamW moments too
     assert any(key.startswith("EarlyStopping") for key in state["callbacks"])
+    # What an exact resume needs: the random state and the training data's position.
+    assert "ExactResume" in state["callbacks"] and state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert "predates exact resume" not in second.stderr
     # The resumed run writes into the same TensorBoard run, so the curves continue.
     assert sorted(p.name for p in logs.parent.iterdir()) == ["version_0"]
     assert len(list(logs.glob("events.out.tfevents.*"))) > 2
@@ -127,7 +130,11 @@ def as_written_before_timms_names(checkpoint: dict) -> dict:
     assert "model.embed.proj.convs.0.0.weight" in state and "model.embed.cls_token" in state  # the conv stem's layout
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k != "in_channels"}
     data = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if "mix" not in k}
-    return {**checkpoint, "state_dict": state, "hyper_parameters": hparams, "datamodule_hyper_parameters": data}
+    # Nor the random state or the data position that exact resume adds.
+    callbacks = {k: v for k, v in checkpoint["callbacks"].items() if k != "ExactResume"}
+    loops = {**checkpoint["loops"], "fit_loop": {**checkpoint["loops"]["fit_loop"], "state_dict": {}}}
+    return {**checkpoint, "state_dict": state, "hyper_parameters": hparams, "datamodule_hyper_parameters": data,
+            "callbacks": callbacks, "loops": loops}
 
 
 def test_checkpoints_from_before_timms_names_resume_and_classify(tmp_path: Path, image_folder: Path):
@@ -149,6 +156,7 @@ def test_checkpoints_from_before_timms_names_resume_and_classify(tmp_path: Path,
     resumed = train(tmp_path, *run, "--trainer.max_epochs", "2")
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stderr and last_step(tmp_path) == 8  # 4 steps an epoch, continued
+    assert "Note: this checkpoint predates exact resume" in resumed.stderr
     assert "model.patch_embed.proj.weight" in torch.load(last, weights_only=True)["state_dict"]  # saved in today's names
 
 
