@@ -101,12 +101,14 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, images: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", list(SETUPS))
-def test_five_sigkills_end_bit_identical(tmp_path: Path, images: Path, uninterrupted, setup: str):
-    """SIGKILL mid-epoch, inside validation and inside checkpoint writes, resume each time: the same
+def test_six_sigkills_end_bit_identical(tmp_path: Path, images: Path, uninterrupted, setup: str):
+    """SIGKILL mid-epoch, inside validation, at an epoch's start and inside checkpoint writes, resume each
+    time: the same
     weights, optimiser state and train/loss curve as the run that never stopped."""
     moments = random.Random(setup)
     plan = [("train", moments.randint(3, 10)),  # mid-epoch 0, before its training batch
             ("validation", STEPS_PER_EPOCH),  # inside the validation that ends epoch 0
+            ("train", STEPS_PER_EPOCH),  # before epoch 1's first batch: resumes the checkpoint validation wrote
             ("write", moments.randint(2, 6)),  # inside the n-th checkpoint write of the next run
             ("train", moments.randint(26, 34)),  # mid-epoch 2
             ("write", moments.randint(2, 6))]
@@ -128,7 +130,7 @@ def test_five_sigkills_end_bit_identical(tmp_path: Path, images: Path, uninterru
     final = subprocess.run(train_args(images, setup), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     assert "Resuming from" in final.stderr and "not exact" not in final.stderr
-    print(f"{setup}: 5 SIGKILLs ({mid_write} inside a checkpoint write), resumed at global steps {steps}")
+    print(f"{setup}: {len(plan)} SIGKILLs ({mid_write} inside a checkpoint write), resumed at global steps {steps}")
     assert_same_run(tmp_path, uninterrupted(setup))
 
 
@@ -173,7 +175,9 @@ def test_two_process_ddp_killed_and_resumed_ends_bit_identical(tmp_path: Path, i
     (tmp_path / "killed").mkdir()
     args = train_args(images, "device", *DDP)
     assert run_ddp(tmp_path / "whole", args) == 0, (tmp_path / "whole/ddp.log").read_text()[-3000:]
-    for stage, step in [("train", 4), ("validation", 2 * steps_per_epoch), ("train", 3 * steps_per_epoch - 2)]:
+    kills = [("train", 4), ("validation", 2 * steps_per_epoch), ("train", 2 * steps_per_epoch),
+             ("train", 3 * steps_per_epoch - 2)]
+    for stage, step in kills:
         assert run_ddp(tmp_path / "killed", [*args, *kill_at(step, stage)]) == -signal.SIGKILL
     assert read_last(tmp_path / "killed")["global_step"] == 3 * steps_per_epoch - 2
     assert run_ddp(tmp_path / "killed", args) == 0, (tmp_path / "killed/ddp.log").read_text()[-3000:]

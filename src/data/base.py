@@ -6,7 +6,7 @@ import os
 import signal
 import warnings
 from functools import cached_property
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
@@ -112,6 +112,19 @@ class TransformedSubset(Dataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state and get_worker_info() is not None:
             rng.restore(state)
+
+
+class EpochShuffle(DistributedSampler):
+    """torch's DistributedSampler (this process's share of a seeded permutation per epoch, also for one
+    process) that draws the epoch's order at the epoch's first batch, not when its iterator is made.
+
+    Lightning sets the epoch (`set_epoch`) at each epoch's start, but a run resumed from a checkpoint
+    written after an epoch's validation makes its training iterator before that, while the epoch
+    counter still names the epoch that ended; drawn then, the next epoch would repeat its order.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        yield from super().__iter__()
 
 
 # Where training images are augmented: one by one (PIL) in loader processes, or a batch at a time
@@ -284,9 +297,7 @@ class ImageDataModule(pl.LightningDataModule):
         # Lightning stores that in every checkpoint and restores it on resume.
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        # Lightning sets the epoch at each epoch's start; a run resumed mid-epoch needs it before that.
-        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        sampler = EpochShuffle(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch has deprecated
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             return StatefulDataLoader(dataset, sampler=sampler, generator=generator, **options)
