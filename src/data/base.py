@@ -118,9 +118,10 @@ class EpochShuffle(DistributedSampler):
     """torch's DistributedSampler (this process's share of a seeded permutation per epoch, also for one
     process) that draws the epoch's order at the epoch's first batch, not when its iterator is made.
 
-    Lightning sets the epoch (`set_epoch`) at each epoch's start, but a run resumed from a checkpoint
-    written after an epoch's validation makes its training iterator before that, while the epoch
-    counter still names the epoch that ended; drawn then, the next epoch would repeat its order.
+    A run resumed from a checkpoint written after an epoch's validation makes its training iterator
+    while the epoch counter still names the epoch that ended; Lightning sets the next epoch
+    (`set_epoch`) only later, before the first batch. Drawn at once, that epoch would repeat the
+    order of the one before.
     """
 
     def __iter__(self) -> Iterator[int]:
@@ -298,6 +299,9 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochShuffle(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        # Lightning sets the epoch at each epoch's start, after a resumed loader has skipped the batches
+        # already trained (which draws the order): a run resumed mid-epoch needs it now.
+        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch has deprecated
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             return StatefulDataLoader(dataset, sampler=sampler, generator=generator, **options)
