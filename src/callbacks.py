@@ -59,18 +59,21 @@ class StopOnSignal(Callback):
     """Ctrl-C (SIGINT) or SIGTERM (cluster preemption, `kill`): finish the batch, save last.ckpt, exit.
 
     The stop waits for the end of a batch that is not an epoch's last (see `at_epochs_last_batch`):
-    from there Lightning 2.6 resumes exactly, as it does from a step checkpoint. Under DDP the ranks
-    agree on the stop at every step, so they stop together. A second Ctrl-C stops at once, unsaved.
+    from there Lightning 2.6 resumes exactly, as it does from a step checkpoint. last.ckpt is saved
+    there; the run exits at the start of the next batch, once Lightning has logged the batch saved,
+    so the resumed run's curves have no gap. Under DDP the ranks agree on the stop at every step, so
+    they stop together. A second Ctrl-C stops at once, unsaved.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested: int | None = None
+        self._saved: tuple[int, str] | None = None  # (signal, message) once last.ckpt holds the stop
         self._previous: dict[int, object] = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.requested = None
+        self.requested, self._saved = None, None
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         self._previous = {number: signal.getsignal(number) for number in self.SIGNALS}
@@ -91,6 +94,8 @@ class StopOnSignal(Callback):
         self._previous = {}
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
+        if self._saved is not None:
+            return
         stop = self.requested is not None
         if trainer.world_size > 1:  # every rank must take the same decision at the same step
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
@@ -100,10 +105,20 @@ class StopOnSignal(Callback):
         last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
         trainer.save_checkpoint(last, weights_only=False)  # the full state, to resume from
         number = self.requested or signal.SIGTERM  # another rank was signalled
-        rank_zero_info(
-            f"Stopped by {signal.Signals(number).name} in epoch {trainer.current_epoch}, global step "
-            f"{trainer.global_step}: saved {last}. Run the same command to resume from it."
-        )
+        self._saved = (number, f"Stopped by {signal.Signals(number).name} in epoch {trainer.current_epoch}, global "
+                               f"step {trainer.global_step}: saved {last}. Run the same command to resume from it.")
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
+        self._exit_if_saved()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._exit_if_saved()  # the batch saved was the run's last
+
+    def _exit_if_saved(self) -> None:
+        if self._saved is None:
+            return
+        number, message = self._saved
+        rank_zero_info(message)
         self._restore()
         raise Interrupted(128 + number)
 
