@@ -198,32 +198,37 @@ def test_random_state_survives_a_weights_only_checkpoint(tmp_path: Path):
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
 
 
-def test_the_training_loader_resumes_mid_epoch_with_its_workers_random_state(image_folder: Path):
-    """The loader's saved state gives the next batch exactly, augmentations drawn in the workers included;
-    the order of an epoch depends on the seed and the epoch only."""
+def test_training_batches_depend_on_the_seed_the_epoch_and_the_image_only(image_folder: Path):
+    """Resumed mid-epoch from its saved state, or started afresh at an epoch, the training loader gives
+    the batches the uninterrupted one gives, augmentations (drawn in loader workers) included,
+    whatever the number of workers and whatever the training process has drawn."""
     from src.data import ImageFolderDataModule
 
-    def loader(epoch: int = 0):
-        data = ImageFolderDataModule(root=str(image_folder), batch_size=4, num_workers=2, augment_on="loader")
+    def loader(workers: int, epoch: int = 0):
+        data = ImageFolderDataModule(root=str(image_folder), batch_size=4, num_workers=workers, augment_on="loader")
         data.setup("fit")
         train = data.train_dataloader()
         train.sampler.set_epoch(epoch)
         return train
 
-    torch.manual_seed(0)  # what the training process draws must not matter
-    first = loader()
-    batches = iter(first)
+    def same(batches, others) -> bool:
+        return len(batches) == len(others) and all(
+            torch.equal(x, y) and torch.equal(t, u) for (x, t), (y, u) in zip(batches, others))
+
+    torch.manual_seed(0)
+    whole = loader(2)
+    batches = iter(whole)
     seen = [next(batches) for _ in range(3)]
-    state = first.state_dict()
-    expected = [next(batches) for _ in range(3)]
-    del batches, first
+    state = whole.state_dict()
+    rest = list(batches)
+    whole.sampler.set_epoch(1)
+    next_epoch = list(whole)  # the same worker processes, on to epoch 1
 
     torch.manual_seed(1)
-    resumed = loader()
+    resumed = loader(2)
     resumed.load_state_dict(state)
-    again = list(zip(range(3), resumed))
-    assert all(torch.equal(x, y) and torch.equal(t, u) for (x, t), (_, (y, u)) in zip(expected, again))
-
-    orders = [torch.cat([t for _, t in loader(epoch)]) for epoch in (0, 0, 1)]
-    assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])
-    assert torch.equal(torch.cat([t for _, t in seen]), orders[0][:12])
+    assert same(list(resumed), rest)  # mid-epoch: new workers, the same augmentations
+    assert same(list(loader(1, epoch=1)), next_epoch)  # an epoch's start, one worker
+    assert same(list(loader(0)), seen + rest)  # no workers: the training process itself
+    orders = [torch.cat([t for _, t in batches]) for batches in (seen + rest, next_epoch)]
+    assert not torch.equal(*orders)  # each epoch its own order

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import warnings
@@ -12,11 +13,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
-from src import rng
 from src.data.device import BatchAugment, DeviceImages
 from src.data.transforms import Augment, batch_mix, erasing, eval_transform, train_transform
 from src.images import patch_grid, patchify
@@ -77,6 +77,12 @@ class TransformedSubset(Dataset):
     a contrastive objective needs. With `instance_targets` the target of sample i is i itself: every
     image is its own class (instance discrimination); `indices` are sorted, so an image keeps its
     label whatever order the loader draws it in.
+
+    The training sampler (`EpochShuffle`) gives each position with the seed of that sample's
+    augmentation in this epoch: the sample is drawn from a generator seeded with it (the process's own
+    random state is left as it was), so what an image gets depends on the run's seed, the epoch and
+    the image, not on which loader process makes it or what that process made before. A resumed run's
+    loader processes are new ones, and draw what the uninterrupted run's drew.
     """
 
     def __init__(
@@ -96,7 +102,15 @@ class TransformedSubset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int | tuple[int, int]):
+        if isinstance(i, tuple):  # (position, seed) from EpochShuffle
+            i, seed = i
+            with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from torch's CPU generator
+                torch.default_generator.manual_seed(seed)
+                return self._sample(i)
+        return self._sample(i)
+
+    def _sample(self, i: int):
         image, target = self.dataset[self.indices[i]]
         if self.instance_targets:
             target = i
@@ -104,19 +118,16 @@ class TransformedSubset(Dataset):
             return self.transform(image), target
         return torch.stack([self.transform(image) for _ in range(self.views)]), target  # (V, ...)
 
-    def state_dict(self) -> dict[str, Any]:
-        # In the training process (no workers) the augmentations draw from its own random state,
-        # which src.callbacks.ExactResume saves.
-        return rng.capture() if get_worker_info() is not None else {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state and get_worker_info() is not None:
-            rng.restore(state)
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training sample's augmentation: a hash of the run's seed, the epoch and the image."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest(), "little")
 
 
 class EpochShuffle(DistributedSampler):
     """torch's DistributedSampler (this process's share of a seeded permutation per epoch, also for one
-    process) that draws the epoch's order at the epoch's first batch, not when its iterator is made.
+    process) that draws the epoch's order at the epoch's first batch, not when its iterator is made,
+    and with `sample_seeds` gives each position with its `sample_seed`, for `TransformedSubset`.
 
     A run resumed from a checkpoint written after an epoch's validation makes its training iterator
     while the epoch counter still names the epoch that ended; Lightning sets the next epoch
@@ -124,8 +135,13 @@ class EpochShuffle(DistributedSampler):
     order of the one before.
     """
 
-    def __iter__(self) -> Iterator[int]:
-        yield from super().__iter__()
+    def __init__(self, *args: Any, sample_seeds: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sample_seeds = sample_seeds
+
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        for index in super().__iter__():
+            yield (index, sample_seed(self.seed, self.epoch, index)) if self.sample_seeds else index
 
 
 # Where training images are augmented: one by one (PIL) in loader processes, or a batch at a time
@@ -293,12 +309,13 @@ class ImageDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(seed)
         if not training:
             return DataLoader(dataset, shuffle=False, generator=generator, **options)
-        # The order of epoch e is a function of (seed, e) alone, for this process's share of the images;
-        # StatefulDataLoader saves how far into it training got (and the workers' random state), and
+        # The order of epoch e and each sample's augmentation are functions of (seed, e) alone, for this
+        # process's share of the images; StatefulDataLoader saves how far into it training got, and
         # Lightning stores that in every checkpoint and restores it on resume.
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochShuffle(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        sampler = EpochShuffle(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                               sample_seeds=isinstance(dataset, TransformedSubset))
         # Lightning sets the epoch at each epoch's start, after a resumed loader has skipped the batches
         # already trained (which draws the order): a run resumed mid-epoch needs it now.
         sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
