@@ -126,14 +126,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 class EpochShuffle(DistributedSampler):
     """torch's DistributedSampler (this process's share of a seeded permutation per epoch, also for one
-    process) that draws the epoch's order at the epoch's first batch, not when its iterator is made,
-    and with `sample_seeds` gives each position with its `sample_seed`, for `TransformedSubset`.
-
-    A run resumed from a checkpoint written after an epoch's validation makes its training iterator
-    while the epoch counter still names the epoch that ended; Lightning sets the next epoch
-    (`set_epoch`) only later, before the first batch. Drawn at once, that epoch would repeat the
-    order of the one before.
-    """
+    process) that, with `sample_seeds`, gives each position with its `sample_seed`, for `TransformedSubset`."""
 
     def __init__(self, *args: Any, sample_seeds: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -316,9 +309,11 @@ class ImageDataModule(pl.LightningDataModule):
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochShuffle(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                sample_seeds=isinstance(dataset, TransformedSubset))
-        # Lightning sets the epoch at each epoch's start, after a resumed loader has skipped the batches
-        # already trained (which draws the order): a run resumed mid-epoch needs it now.
-        sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
+        # The epoch of the next training batch. Lightning sets it at each epoch's start, but a resumed run
+        # makes (and fills) its first iterator before that: from a checkpoint written mid-epoch, in that
+        # epoch; from one written after an epoch's last batch (by its validation), in the next.
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch + trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch has deprecated
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             return StatefulDataLoader(dataset, sampler=sampler, generator=generator, **options)
