@@ -129,8 +129,8 @@ class StopOnSignal(Callback):
 class ExactResume(Callback):
     """Every training checkpoint holds each process's random state; a resumed run restores it just
     before its first batch, so from there on it draws what the uninterrupted run draws (augmentation,
-    MixUp/CutMix, erasing, stochastic depth, dropout). The data order and the loader workers' random
-    state resume with the training loader (StatefulDataLoader, src.data.base).
+    MixUp/CutMix, erasing, stochastic depth, dropout). The data order resumes with the training
+    loader (StatefulDataLoader), and what loader workers draw is seeded per sample (src.data.base).
 
     Restored in `on_train_start`: after the sanity check (which Lightning runs on an isolated random
     state) and after the training loader is set up, and before any batch. Loaders draw nothing from

@@ -2,8 +2,8 @@
 
 One process's generators: torch's on the CPU (augmentation, MixUp/CutMix, erasing, stochastic depth
 and dropout on the CPU), on each CUDA device (the same on a GPU), Python's `random` and NumPy's. The
-training process saves them with every checkpoint (src.callbacks.ExactResume); each loader worker's
-are saved with the loader's position (src.data.base.TransformedSubset).
+training process saves them with every checkpoint (src.callbacks.ExactResume). Loader workers need
+none: each sample they augment is seeded on its own (src.data.base.TransformedSubset).
 """
 
 from __future__ import annotations
