@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from urllib.error import URLError
@@ -12,7 +14,7 @@ import torch
 from pytorch_lightning import Trainer
 from PIL import Image
 
-from conftest import write_image_folder
+from conftest import REPO, write_image_folder
 from src.data import CIFAR10DataModule, ImageFolderDataModule, PatchifyTransform
 from src.data.base import ImageDataModule, stratified_split
 from src.data.transforms import eval_transform, train_transform
@@ -237,3 +239,20 @@ def test_decoding_shows_a_bar_only_when_the_trainer_shows_its_own(image_folder: 
     capsys.readouterr()
     dm.setup("fit")  # device augmentation decodes the training split here
     assert ("Decoding training images" in capsys.readouterr().err) == bar
+
+
+def test_a_script_that_keeps_a_loader_with_workers_still_exits(image_folder: Path):
+    """Loader workers ignore SIGTERM (so a signal to the whole job lets training save first), which is
+    how Python's multiprocessing stops them at exit: a loader kept alive until then must not hang it."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from src.data import ImageFolderDataModule\n"
+        "data = ImageFolderDataModule(root=sys.argv[2], batch_size=4, num_workers=2, augment_on='loader')\n"
+        "data.setup('fit')\n"
+        "train, val = data.train_dataloader(), data.val_dataloader()\n"
+        "next(iter(train)), next(iter(val))\n"
+        "print('iterated')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(REPO), str(image_folder)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "iterated" in done.stdout, done.stderr[-2000:]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import signal
 import warnings
+import weakref
 from functools import cached_property
 from typing import Any, Callable, Iterator, Literal, Sequence
 
@@ -30,6 +32,21 @@ def ignore_stop_signals(worker_id: int) -> None:
     first and take the run down with it, unsaved."""
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, signal.SIG_IGN)
+
+
+# The loaders with worker processes that this process has made (weakly held: gone when unused).
+_LOADERS_WITH_WORKERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()
+
+
+@atexit.register  # after torch's multiprocessing registered its own exit handler, so it runs before it
+def shut_down_loader_workers() -> None:
+    """At exit, shut down the workers of loaders still alive (a script or notebook that kept one), as
+    the DataLoader does when it is freed. Python's multiprocessing would send them SIGTERM, which they
+    ignore (`ignore_stop_signals`), and then wait for them forever."""
+    for loader in list(_LOADERS_WITH_WORKERS):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 def default_num_workers() -> int:
@@ -301,7 +318,7 @@ class ImageDataModule(pl.LightningDataModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, as Lightning's own samplers use
         generator = torch.Generator().manual_seed(seed)
         if not training:
-            return DataLoader(dataset, shuffle=False, generator=generator, **options)
+            return self._keep(DataLoader(dataset, shuffle=False, generator=generator, **options))
         # The order of epoch e and each sample's augmentation are functions of (seed, e) alone, for this
         # process's share of the images; StatefulDataLoader saves how far into it training got, and
         # Lightning stores that in every checkpoint and restores it on resume.
@@ -316,7 +333,13 @@ class ImageDataModule(pl.LightningDataModule):
             sampler.set_epoch(trainer.current_epoch + trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch has deprecated
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-            return StatefulDataLoader(dataset, sampler=sampler, generator=generator, **options)
+            return self._keep(StatefulDataLoader(dataset, sampler=sampler, generator=generator, **options))
+
+    @staticmethod
+    def _keep(loader: DataLoader) -> DataLoader:
+        if loader.num_workers > 0:
+            _LOADERS_WITH_WORKERS.add(loader)  # see shut_down_loader_workers
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, training=True)
