@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import multiprocessing
 import os
 import signal
 import warnings
-import weakref
 from functools import cached_property
 from typing import Any, Callable, Iterator, Literal, Sequence
 
@@ -34,19 +34,16 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(number, signal.SIG_IGN)
 
 
-# The loaders with worker processes that this process has made (weakly held: gone when unused).
-_LOADERS_WITH_WORKERS: weakref.WeakSet[DataLoader] = weakref.WeakSet()
-
-
-@atexit.register  # after torch's multiprocessing registered its own exit handler, so it runs before it
-def shut_down_loader_workers() -> None:
-    """At exit, shut down the workers of loaders still alive (a script or notebook that kept one), as
-    the DataLoader does when it is freed. Python's multiprocessing would send them SIGTERM, which they
-    ignore (`ignore_stop_signals`), and then wait for them forever."""
-    for loader in list(_LOADERS_WITH_WORKERS):
-        iterator = getattr(loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+@atexit.register  # after multiprocessing registered its own exit handler, so it runs before it
+def stop_loader_workers() -> None:
+    """At exit, Python's multiprocessing stops the daemonic processes still running (a loader's workers,
+    when a script or a notebook kept the loader) with SIGTERM, which loader workers ignore
+    (`ignore_stop_signals`), and then waits for them forever: stop them with SIGKILL instead."""
+    workers = [process for process in multiprocessing.active_children() if process.daemon]
+    if workers and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report them as failed
+    for process in workers:
+        process.kill()
 
 
 def default_num_workers() -> int:
@@ -318,7 +315,7 @@ class ImageDataModule(pl.LightningDataModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, as Lightning's own samplers use
         generator = torch.Generator().manual_seed(seed)
         if not training:
-            return self._keep(DataLoader(dataset, shuffle=False, generator=generator, **options))
+            return DataLoader(dataset, shuffle=False, generator=generator, **options)
         # The order of epoch e and each sample's augmentation are functions of (seed, e) alone, for this
         # process's share of the images; StatefulDataLoader saves how far into it training got, and
         # Lightning stores that in every checkpoint and restores it on resume.
@@ -333,13 +330,7 @@ class ImageDataModule(pl.LightningDataModule):
             sampler.set_epoch(trainer.current_epoch + trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch has deprecated
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-            return self._keep(StatefulDataLoader(dataset, sampler=sampler, generator=generator, **options))
-
-    @staticmethod
-    def _keep(loader: DataLoader) -> DataLoader:
-        if loader.num_workers > 0:
-            _LOADERS_WITH_WORKERS.add(loader)  # see shut_down_loader_workers
-        return loader
+            return StatefulDataLoader(dataset, sampler=sampler, generator=generator, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, training=True)
