@@ -29,6 +29,7 @@ def main(args: list[str] | None = None) -> None:
     runs.check_start(model, data)
     ckpt_path = runs.resume_from(model, resume) if resume is not None else None
     del resume  # fit() reads the file itself; do not hold a second copy
+    runs.follow_knn(trainer, data)
     validation_chooses = runs.validation_may_choose(trainer, data)
     last = Path(cli.config.checkpoint.dirpath) / "last.ckpt"
     with runs.no_trace_if_refused(trainer, last):

@@ -268,6 +268,8 @@ class TensorBoardPictures(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
+        if pl_module.hparams.get("evaluation") == "knn":  # pre-training: its head predicts no class to draw
+            return
         matrix = pl_module.val_confusion.compute()  # every rank takes part in the sync
         logger = self._tensorboard(trainer)
         if logger is None or not trainer.is_global_zero:

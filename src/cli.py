@@ -27,9 +27,12 @@ from src.models.classifier import ViTClassifier
 ROOT_DIR = "data/lightning"
 
 # Values the model must agree with the data on; the DataModule is the single source of each.
-LINKED_FROM_DATA = ("num_classes", "class_names", "image_size", "patch_size", "mean", "std")
-# Recipe options of the model that the DataModule carries out (it mixes batches before cutting patches).
-LINKED_TO_DATA = ("mixup_alpha", "cutmix_alpha")
+LINKED_FROM_DATA = ("num_classes", "class_names", "image_size", "patch_size", "mean", "std", "evaluation")
+# Recipe options of the model that the DataModule carries out (it mixes batches before cutting patches),
+# as {data option: (model option, how the data's value follows from the model's)}. With a contrastive
+# term the DataModule keeps the views unmixed beside the mixed copy the cross entropy learns from.
+LINKED_TO_DATA = {"mixup_alpha": ("mixup_alpha", None), "cutmix_alpha": ("cutmix_alpha", None),
+                  "keep_unmixed": ("contrastive_weight", lambda weight: weight > 0)}
 
 
 class ViTCLI(LightningCLI):
@@ -66,9 +69,9 @@ class ViTCLI(LightningCLI):
         """Parse the command line (or `args`); without --config, the recipe for this machine's hardware."""
         args = sys.argv[1:] if args is None else list(args)
         self.given = {a.split("=", 1)[0] for a in args if a.startswith("--")}  # the flags typed, not the configs'
-        for name in LINKED_TO_DATA:  # a link overrides its target silently: say where the value is set
+        for name, (source, _) in LINKED_TO_DATA.items():  # a link overrides its target silently: say so
             if f"--data.{name}" in self.given or f"--data.init_args.{name}" in self.given:
-                raise ConfigError(f"--data.{name} is set by --model.{name} (part of the model's recipe); pass that")
+                raise ConfigError(f"--data.{name} is set by --model.{source} (part of the model's recipe); pass that")
         if "--config" not in self.given:
             recipe, why = default_recipe(flag_value(args, "--trainer.accelerator") or "auto")
             rank_zero_info(f"Recipe: configs/{recipe.name} ({why}); choose another with --config")
@@ -140,8 +143,8 @@ class ViTCLI(LightningCLI):
         )
         for name in LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
-        for name in LINKED_TO_DATA:
-            parser.link_arguments(f"model.{name}", f"data.init_args.{name}")
+        for name, (source, compute) in LINKED_TO_DATA.items():
+            parser.link_arguments(f"model.{source}", f"data.init_args.{name}", compute_fn=compute)
 
     def before_instantiate_classes(self) -> None:
         config = self.config

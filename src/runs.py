@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
-from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
@@ -121,11 +121,34 @@ def check_start(model: LightningModule, datamodule: LightningDataModule) -> None
             f"model.contrastive_weight > 0 compares two augmented views of each image, but data.views "
             f"is {views}: set data.views: 2 (as configs/flowers17-contrastive.yaml does)"
         )
+    mixing = getattr(datamodule, "mixup_alpha", 0) or getattr(datamodule, "cutmix_alpha", 0)
+    if hp.get("contrastive_weight", 0) > 0 and mixing and not getattr(datamodule, "keep_unmixed", False):
+        raise ConfigError("the contrastive term compares unmixed views, but the DataModule mixes them all: "
+                          "give it keep_unmixed=True (train.py does) to mix only a copy for the cross entropy")
     if hp.get("init_from") and not Path(hp.init_from).is_file():
         raise ConfigError(
             f"model.init_from: {hp.init_from} does not exist; train the backbone first "
             "(e.g. python train.py --config configs/flowers17-pretrain.yaml) or pass --model.init_from PATH"
         )
+
+
+def follow_knn(trainer: Trainer, datamodule: LightningDataModule) -> None:
+    """With k-NN validation (pre-training: `evaluation` "knn") there is no val/acc or val/loss to follow:
+    the checkpoint and early stopping that follow one of them follow val/knn_acc instead, and say so."""
+    if getattr(datamodule, "evaluation", "classify") != "knn":
+        return
+    switched = []
+    for i, callback in enumerate(trainer.callbacks):
+        if isinstance(callback, ModelCheckpoint) and callback.monitor in ("val/acc", "val/loss"):
+            callback.monitor, callback.mode = "val/knn_acc", "max"
+            callback.filename = "epoch{epoch:03d}-knn{val/knn_acc:.4f}"
+            switched.append("the best checkpoint")
+        elif isinstance(callback, EarlyStopping) and callback.monitor in ("val/acc", "val/loss"):
+            trainer.callbacks[i] = EarlyStopping("val/knn_acc", min_delta=abs(callback.min_delta), mode="max",
+                                                 patience=callback.patience, verbose=callback.verbose)
+            switched.append(f"early stopping (patience {callback.patience})")
+    if switched:
+        rank_zero_info(f"Validation scores the backbone by k-NN (val/knn_acc): {' and '.join(switched)} follow it")
 
 
 def validation_may_choose(trainer: Trainer, datamodule: LightningDataModule) -> bool:

@@ -168,10 +168,13 @@ def test_train_on_train_and_val_trains_on_both_and_says_validation_is_not_held_o
     assert both.val_set.indices == held_out.val_set.indices
     assert both.test_set.indices == held_out.test_set.indices
     assert set(both.train_set.indices).isdisjoint(both.test_set.indices)
-    # Instance pre-training on train + val: one class per image, 1 020 of them.
+    # Instance pre-training on train + val: one class per image, 1 020 of them; its k-NN monitor still
+    # fits on the training split's labels and scores the validation images.
     instances = datamodule(flowers17, train_on="train+val", targets="instance")
     instances.setup("fit")
-    assert instances.num_classes == len(instances.train_set) == len(instances.val_set) == 1020
+    assert instances.num_classes == len(instances.train_set) == 1020
+    assert instances.knn_reference.indices == held_out.train_set.indices
+    assert instances.val_set.indices == held_out.val_set.indices
 
 
 def test_two_views_are_two_different_augmentations(flowers17: Path):
@@ -210,8 +213,11 @@ def test_instance_targets_are_dataset_indices_stable_under_shuffling(flowers17: 
     dm = datamodule(flowers17, targets="instance", augment="none", crop_scale=(1.0, 1.0), batch_size=100)
     assert dm.num_classes == 680 and dm.class_names is None and not dm.testable
     dm.setup("fit")
-    assert dm.test_set is None
-    assert len(dm.val_set) == len(dm.train_set) == 680  # validation: recognise the training images
+    assert dm.test_set is None and len(dm.train_set) == 680
+    # Validation: k-NN on the features, the labelled training images as references, the val images as queries.
+    assert dm.evaluation == "knn" and len(dm.knn_reference) == 680 and len(dm.val_set) == 340
+    assert [target for _, target in (dm.knn_reference[i] for i in (0, 679))] == [dm.train_set.indices[0] // 80,
+                                                                                 dm.train_set.indices[679] // 80]
     # Draw the training set twice in two shuffled orders: each image always has the same label,
     # the position of its file in the (sorted) training split.
     train_files = [i + 1 for i in dm.train_set.indices]
@@ -244,6 +250,7 @@ def real_flowers(test):
 
 @real_flowers
 def test_pretrain_then_finetune_through_the_cli(tmp_path: Path):
+    # IDMM: instance cross entropy on a mixed view + InfoNCE on two unmixed views, watched by k-NN.
     pretrain = train(tmp_path, "--config", str(REPO / "configs/flowers17-pretrain.yaml"), *TINY_FLOWERS,
                      "--trainer.max_epochs", "2")
     assert pretrain.returncode == 0, pretrain.stderr
@@ -252,12 +259,15 @@ def test_pretrain_then_finetune_through_the_cli(tmp_path: Path):
     backbone_ckpt = tmp_path / "data/lightning/flowers17-pretrain/last.ckpt"
     pretrained = torch.load(backbone_ckpt, weights_only=True)
     assert pretrained["hyper_parameters"]["num_classes"] == 680 and pretrained["global_step"] == 4
+    events = EventAccumulator(str(tmp_path / "data/lightning/lightning_logs/version_0")).Reload()
+    assert {"val/knn_acc", "train/ce", "train/contrastive"} <= set(events.Tags()["scalars"])
+    assert list((tmp_path / "data/lightning/flowers17-pretrain").glob("epoch*-knn*.ckpt"))
 
     # A learning rate of ~0 keeps the fine-tuned backbone where init_from put it; a fresh init would
     # differ from the pre-trained weights everywhere.
     finetune = train(tmp_path, "--config", str(REPO / "configs/flowers17-finetune.yaml"), *TINY_FLOWERS,
                      "--model.init_from", str(backbone_ckpt), "--model.lr", "1e-9", "--model.min_lr", "0",
-                     "--model.weight_decay", "0", "--trainer.max_epochs", "1")
+                     "--model.weight_decay", "0", "--model.layer_decay", "0.75", "--trainer.max_epochs", "1")
     assert finetune.returncode == 0, finetune.stderr
     output = finetune.stdout + finetune.stderr
     assert "Initialised the backbone from" in output and "test/acc = " in output

@@ -174,9 +174,7 @@ def test_mixed_step_trains_on_soft_targets(monkeypatch):
     assert loss.item() == pytest.approx(F.cross_entropy(model(patches), soft).item(), rel=1e-5)
 
 
-def test_mixing_refuses_the_contrastive_term_and_negative_alphas():
-    with pytest.raises(ConfigError, match="contrastive"):
-        ViTClassifier(**TINY, mixup_alpha=0.8, contrastive_weight=0.5)
+def test_mixing_refuses_negative_alphas():
     with pytest.raises(ConfigError, match="mixup_alpha"):
         ImageDataModule(cutmix_alpha=-1.0)
 

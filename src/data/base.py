@@ -154,6 +154,9 @@ class EpochShuffle(DistributedSampler):
 # Where training images are augmented: one by one (PIL) in loader processes, or a batch at a time
 # on the training device from a uint8 copy of the split (src/data/device.py).
 AugmentOn = Literal["loader", "device"]
+# How validation scores the model: its head's predictions of the classes, or (for pre-training, whose head
+# predicts something else) a k-NN classifier on its features, fitted on labelled reference images.
+Evaluation = Literal["classify", "knn"]
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -165,7 +168,15 @@ class ImageDataModule(pl.LightningDataModule):
     sees one. `erase_prob` erases a random box in that share of training images (after the policy).
     `mixup_alpha` / `cutmix_alpha` > 0 mix each training batch with torchvision's MixUp / CutMix (one
     of them per batch when both are set) into soft targets, before the batch is cut into patches;
-    under train.py they are set by the model's options of the same name.
+    under train.py they are set by the model's options of the same name. `keep_unmixed` (set by train.py
+    when the model has a contrastive term) mixes only a copy of the first views and keeps the views
+    unmixed beside it: the contrastive term compares unmixed views while the cross entropy learns from
+    mixed ones (IDMM).
+
+    `evaluation` says how validation scores the model: "classify" (the head's predictions of the
+    classes) or "knn" (pre-training, whose head predicts something else: validation then has two
+    loaders, the labelled `knn_reference` images and the labelled `val_set` queries, and the model
+    scores its features by k-NN; the labels never reach a training loss).
 
     Subclasses take their own options and pass the shared ones on as `**kwargs` (jsonargparse reads
     them from here for --help and the config), call `set_image` in `__init__` with the geometry and
@@ -178,6 +189,7 @@ class ImageDataModule(pl.LightningDataModule):
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    evaluation: Evaluation = "classify"
 
     def __init__(
         self,
@@ -191,6 +203,7 @@ class ImageDataModule(pl.LightningDataModule):
         erase_prob: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        keep_unmixed: bool = False,
     ) -> None:
         super().__init__()
         # Every subclass's arguments too (Lightning collects them from the __init__ chain); saved in
@@ -215,10 +228,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.augment_on = augment_on
         self.erase_prob = erase_prob
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.keep_unmixed = keep_unmixed
         self.batch_augment: BatchAugment | None = None  # set with device-side training images
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.knn_reference: Dataset | None = None  # with evaluation "knn"
 
     def set_image(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         """Check and keep the image geometry and normalisation the CLI links into the model.
@@ -282,7 +297,8 @@ class ImageDataModule(pl.LightningDataModule):
         In: (images (B, [V,] C, H, W), targets (B,)) from the loader, or (indices, targets) with
         `augment_on: device`. Out: patches (B, [V,] N, P*P*C) with class targets (B,); with MixUp or
         CutMix the views are mixed as one batch: (V*B, N, P*P*C), all first views first, with soft
-        targets (V*B, K).
+        targets (V*B, K); with `keep_unmixed` as well, the unmixed (B, V, N, P*P*C) and targets (B,),
+        then the mixed first views (B, N, P*P*C) and their soft targets (B, K).
         """
         if self.batch_augment is not None:
             indices, targets = batch
@@ -291,6 +307,9 @@ class ImageDataModule(pl.LightningDataModule):
         else:
             images, targets = batch
             images = images if images.ndim == 5 else images.unsqueeze(1)  # (B, V, C, H, W)
+        if self.mix is not None and self.keep_unmixed:
+            mixed, soft = self.mix(images[:, 0], targets)  # a mixed copy; the views stay as they were
+            return patchify(images, self.patch_size), targets, patchify(mixed, self.patch_size), soft
         if self.mix is not None:
             views = images.shape[1]
             images, targets = self.mix(images.transpose(0, 1).flatten(0, 1), targets.repeat(views))
@@ -335,7 +354,9 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, training=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.evaluation == "knn":  # references first: the model fits its k-NN on them, then scores the queries
+            return [self._loader(self.knn_reference), self._loader(self.val_set)]
         return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:

@@ -191,8 +191,10 @@ class Flowers17DataModule(ImageDataModule):
     """Flowers-17 with the official split `split` (1..3) from datasplits.mat, else a seeded one.
 
     `targets: instance` turns it into the instance-discrimination pre-training task: every training
-    image is its own class (680 of them), validation asks the model to recognise the un-augmented
-    training images, and there is no test (the class labels are for fine-tuning).
+    image is its own class (680 of them, its position in the sorted training split), and there is no
+    test. Validation watches what the backbone has learnt without training on a label: a k-NN
+    classifier on its features, fitted on the class-labelled training images, scores the validation
+    images (`evaluation` "knn"); the class labels train nothing until fine-tuning.
 
     `train_on: train+val` trains on the 1 020 images of both splits. Validation still runs on the val
     images, but they are no longer held out: it then measures fit, `validation_held_out` is False and
@@ -240,6 +242,7 @@ class Flowers17DataModule(ImageDataModule):
             self.num_classes, self.class_names = len(CLASSES), list(CLASSES)
         else:  # one class per training image; both the official and the seeded split have 680 (+ 340)
             self.num_classes, self.class_names = training, None
+            self.evaluation = "knn"
         self.split_used: str | None = None
         _ = self.train_transform  # built once now, so a bad crop_scale or augment fails at start-up
 
@@ -305,8 +308,8 @@ class Flowers17DataModule(ImageDataModule):
             self.train_set = self.device_train_set(dataset.images[training].permute(0, 2, 3, 1), labels)
         else:
             self.train_set = TransformedSubset(dataset, training, self.train_transform, self.views, instance)
-        if instance:
-            self.val_set = TransformedSubset(dataset, training, self.eval_transform, instance_targets=True)
+        self.val_set = TransformedSubset(dataset, parts["val"], self.eval_transform)
+        if instance:  # k-NN references: the training split with its class labels (also under train+val)
+            self.knn_reference = TransformedSubset(dataset, parts["train"], self.eval_transform)
         else:
-            self.val_set = TransformedSubset(dataset, parts["val"], self.eval_transform)
             self.test_set = TransformedSubset(dataset, parts["test"], self.eval_transform)

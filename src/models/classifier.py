@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from src.checkpoints import read_checkpoint
 from src.errors import ConfigError, DivergedError
 from src.hardware import fused_attention
+from src.models.knn import knn_accuracy
 from src.models.losses import ProjectionHead, info_nce
 from src.models.vit import ARCHITECTURE, ViT, upgrade_state_dict
 from src.images import IMAGENET_MEAN, IMAGENET_STD, hflip_patches
@@ -72,21 +73,36 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         return {k: v for k, v in super().state_dict().items() if k not in self.PLAN}
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay for weight matrices; none for biases, norms, cls_token and pos_embed."""
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: decay for weight matrices; none for biases, norms, cls_token and pos_embed.
+
+    With `layer_decay` < 1 (layer-wise learning-rate decay, as BEiT and MAE fine-tune) each of the two is
+    split by depth (`ViT.layer_id`): a group `depth + 1 - l` layers below the head learns at
+    `layer_decay ** (depth + 1 - l)` times the rate (its `lr_scale`), so the pre-trained early layers move
+    least. Parameters outside the ViT (the projector) learn at the full rate.
+    """
     # Submodules name their own exceptions (ViT: cls_token, pos_embed), relative to themselves.
     skip = {f"{prefix}.{name}" if prefix else name
             for prefix, module in model.named_modules() if hasattr(module, "no_weight_decay")
             for name in module.no_weight_decay()}
-    decay, no_decay = [], []
+    vits = [(f"{prefix}." if prefix else "", module) for prefix, module in model.named_modules()
+            if isinstance(module, ViT)]
+    top = max((len(vit.blocks) + 1 for _, vit in vits), default=0)
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 and name not in skip else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        layer = top
+        if layer_decay != 1.0:
+            layer = next((vit.layer_id(name.removeprefix(prefix)) for prefix, vit in vits
+                          if name.startswith(prefix)), top)
+        groups.setdefault((layer, param.ndim >= 2 and name not in skip), []).append(param)
+    if layer_decay == 1.0:  # the two groups every checkpoint before layer decay has
+        return [{"params": groups.get((top, True), []), "weight_decay": weight_decay},
+                {"params": groups.get((top, False), []), "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": layer_decay ** (top - layer), "name": f"layer{layer}" + ("" if decay else "-no_decay")}
+            for (layer, decay), params in sorted(groups.items())]
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -132,11 +148,17 @@ class ViTClassifier(pl.LightningModule):
     `mixup_alpha` / `cutmix_alpha` > 0 mix each training batch with torchvision's MixUp / CutMix (one
     of them per batch when both are set) and train on the soft targets they make: part of the recipe
     here, carried out by the DataModule (linked by the CLI), which mixes images before cutting patches.
+    Both together are IDMM (Cao, Yu and Wu 2022): the cross entropy learns from a mixed copy of the
+    first views, the contrastive term compares the two unmixed views (`CE_mixed + w * InfoNCE`).
     `init_from` starts a new run from another checkpoint's backbone (e.g. instance-discrimination
-    pre-training) with a fresh head. `compile` runs the ViT through `torch.compile` (in place, so
+    pre-training) with a fresh head; `layer_decay` < 1 then lets the layers nearer the input learn
+    slower (`param_groups`). `compile` runs the ViT through `torch.compile` (in place, so
     checkpoints are unchanged); where that cannot work, training goes on uncompiled with a warning.
     `flip_tta` scores validation, test and classify.py on the mean logits of each image and its
-    mirror image: for data whose classes do not change under a left-right flip.
+    mirror image: for data whose classes do not change under a left-right flip. With `evaluation`
+    "knn" (linked from the DataModule: pre-training) validation logs `val/knn_acc` instead, the
+    accuracy of a k-NN classifier (`knn_k` neighbours, votes weighted by exp(cosine / `knn_temperature`))
+    on the pooled features, fitted on the DataModule's labelled reference images.
     """
 
     def __init__(
@@ -147,6 +169,7 @@ class ViTClassifier(pl.LightningModule):
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 5.0,
+        layer_decay: float = 1.0,
         # training-loss regularisers (mixing is carried out by the DataModule)
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
@@ -159,10 +182,13 @@ class ViTClassifier(pl.LightningModule):
         init_from: str | None = None,
         compile: bool = False,
         flip_tta: bool = False,
+        knn_k: int = 20,
+        knn_temperature: float = 0.07,
         # from the DataModule (linked by the CLI): what the outputs mean, how inputs were normalised
         class_names: list[str] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        evaluation: str = "classify",
         **vit: Any,  # the network's settings: ViT's arguments
     ) -> None:
         super().__init__()
@@ -174,9 +200,11 @@ class ViTClassifier(pl.LightningModule):
             raise ConfigError(f"warmup_epochs must be 0 or more, got {warmup_epochs}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if contrastive_weight > 0 and (mixup_alpha > 0 or cutmix_alpha > 0):
-            raise ConfigError("the contrastive term compares two views of the same image, which MixUp/CutMix "
-                              "would blend with other images: set mixup_alpha and cutmix_alpha to 0 with it")
+        if not 0.0 < layer_decay <= 1.0:
+            raise ConfigError(f"layer_decay must be in (0, 1] (1 = off), got {layer_decay}")
+        if evaluation not in ("classify", "knn") or knn_k < 1 or knn_temperature <= 0:
+            raise ConfigError(f"need evaluation 'classify' or 'knn', knn_k >= 1 and knn_temperature > 0; got "
+                              f"{evaluation!r}, {knn_k} and {knn_temperature}")
         if contrastive_weight < 0 or temperature <= 0 or projection_dim < 1:
             raise ConfigError(
                 f"need contrastive_weight >= 0, temperature > 0 and projection_dim >= 1; got "
@@ -199,31 +227,39 @@ class ViTClassifier(pl.LightningModule):
         self.test_metrics = self.train_metrics.clone(prefix="test/")
         # Drawn into TensorBoard by the TensorBoardPictures callback; updating it is a bincount.
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        # With evaluation "knn": (features (B, D), labels (B,)) of each validation batch, per loader.
+        self.knn_batches: tuple[list, list] = ([], [])
 
     def forward(self, patches: Tensor) -> Tensor:
         return self.model(patches)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         hp = self.hparams
-        # (B, [V,] N, P*P*C) with class targets (B,), or mixed by the DataModule: (V*B, N, P*P*C), (V*B, K).
-        patches, targets = batch
+        # (B, [V,] N, P*P*C) with class targets (B,), or mixed by the DataModule: (V*B, N, P*P*C), (V*B, K);
+        # or, for the contrastive term with mixing, those two unmixed, then mixed first views (B, N, P*P*C), (B, K).
+        patches, targets, *mixed = batch
         views = 1
         if patches.ndim == 4:  # (B, V, N, P*P*C): V augmentations of each image
             views = patches.shape[1]
             patches = patches.transpose(0, 1).flatten(0, 1)  # (V*B, N, P*P*C), all first views first
             targets = targets.repeat(views)  # (V*B,)
+        # The cross entropy's input: the mixed copy when there is one. Each input has its own forward pass,
+        # so the mixed images cannot reach the views' features, not even through the stem's batch statistics.
         features = self.model.forward_features(patches)  # (V*B, N+1, D)
-        logits = self.model.forward_head(features)
+        ce_features, ce_targets = features, targets
+        if mixed:
+            ce_features, ce_targets = self.model.forward_features(mixed[0]), mixed[1]  # (B, N+1, D), (B, K)
+        logits = self.model.forward_head(ce_features)
         # Label smoothing regularises training only; validation and test report the plain loss.
         # cross_entropy takes class indices or, after MixUp/CutMix, class probabilities (B, K).
-        loss = F.cross_entropy(logits, targets, label_smoothing=hp.label_smoothing)
-        if targets.ndim == 2:
-            targets = targets.argmax(dim=1)  # training accuracy counts the larger share of a mix
+        loss = F.cross_entropy(logits, ce_targets, label_smoothing=hp.label_smoothing)
+        if ce_targets.ndim == 2:
+            ce_targets = ce_targets.argmax(dim=1)  # training accuracy counts the larger share of a mix
         if self.projector is not None:
             if views != 2:
                 raise ConfigError(
-                    f"contrastive_weight > 0 needs two augmented views per image, the batches hold {views}: "
-                    "set data.views: 2"
+                    f"contrastive_weight > 0 needs two unmixed augmented views per image, the batches hold "
+                    f"{views}: set data.views: 2" + (" and data.keep_unmixed: true" if targets.ndim == 2 else "")
                 )
             z1, z2 = self.projector(self.model.pool(features)).chunk(2)  # (B, projection_dim) each
             contrastive = info_nce(z1, z2, hp.temperature)
@@ -238,7 +274,7 @@ class ViTClassifier(pl.LightningModule):
                 f"--model.lr (now {hp.lr:g}) or lengthen --model.warmup_epochs and start again with --fresh"
             )
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.train_metrics(logits, targets)
+        self.train_metrics(logits, ce_targets)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
@@ -255,9 +291,31 @@ class ViTClassifier(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.val_confusion.reset()
+        self.knn_batches = ([], [])
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.hparams.evaluation == "knn":  # loader 0: labelled references, loader 1: the queries
+            patches, labels = batch
+            self.knn_batches[dataloader_idx].append((self.model.pool(self.model.forward_features(patches)), labels))
+            return
         self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.hparams.evaluation != "knn" or not all(self.knn_batches):
+            return
+        (reference, reference_labels), (queries, query_labels) = (
+            [self.gathered(part) for part in zip(*batches)] for batches in self.knn_batches)
+        num_classes = int(max(reference_labels.max(), query_labels.max())) + 1
+        accuracy = knn_accuracy(reference, reference_labels, queries, query_labels, num_classes,
+                                self.hparams.knn_k, self.hparams.knn_temperature)
+        self.log("val/knn_acc", accuracy, prog_bar=True)
+        self.knn_batches = ([], [])
+
+    def gathered(self, parts: Sequence[Tensor]) -> Tensor:
+        """This process's validation tensors concatenated; under DDP, which splits the loaders between
+        processes, every process's, so each scores the whole set."""
+        local = torch.cat(list(parts))
+        return self.all_gather(local).flatten(0, 1) if self.trainer.world_size > 1 else local  # (W*n, ...)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
@@ -302,7 +360,10 @@ class ViTClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self, hp.weight_decay), lr=hp.lr, betas=hp.betas)
+        groups = param_groups(self, hp.weight_decay, hp.layer_decay)
+        for group in groups:
+            group["lr"] = hp.lr * group.get("lr_scale", 1.0)  # the schedule scales each group's own rate
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas)
         scheduler = WarmupCosine(optimizer, hp.min_lr / hp.lr)  # its length is planned in on_train_start
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -222,6 +222,16 @@ class ViT(nn.Module):
         """Parameter names that are never decayed although they are not 1-D."""
         return {"cls_token", "pos_embed"}
 
+    def layer_id(self, name: str) -> int:
+        """How deep parameter `name` sits, for layer-wise learning-rate decay (as BEiT and MAE fine-tune):
+        0 for the embedding (`patch_embed`, `cls_token`, `pos_embed`), i + 1 for `blocks.i`, depth + 1
+        for the final `norm` and the `head`."""
+        if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
     def use_fused_attention(self, fused: bool) -> None:
         """Every block's attention through PyTorch's fused kernel (True) or the manual one (False)."""
         for block in self.blocks:
