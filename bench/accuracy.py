@@ -77,8 +77,8 @@ def train(config: str, args: list[str], workdir: Path) -> tuple[float, float, st
     return launched, seconds, result.stdout + result.stderr
 
 
-def val_curve(workdir: Path, launched: float) -> list[tuple[float, int, float]]:
-    """(seconds since launch, epoch, val/acc) at every validation of the run in `workdir`."""
+def val_curve(workdir: Path, launched: float, tag: str = "val/acc") -> list[tuple[float, int, float]]:
+    """(seconds since launch, epoch, `tag`) at every validation of the newest run in `workdir`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logs = sorted((workdir / "data/lightning/lightning_logs").glob("version_*"))
@@ -86,7 +86,7 @@ def val_curve(workdir: Path, launched: float) -> list[tuple[float, int, float]]:
         sys.exit(f"no TensorBoard log under {workdir}")
     events = EventAccumulator(str(logs[-1])).Reload()
     epochs = {e.step: e.value for e in events.Scalars("epoch")} if "epoch" in events.Tags()["scalars"] else {}
-    return [(e.wall_time - launched, int(epochs.get(e.step, -1)), e.value) for e in events.Scalars("val/acc")]
+    return [(e.wall_time - launched, int(epochs.get(e.step, -1)), e.value) for e in events.Scalars(tag)]
 
 
 def max_time(seconds: float) -> list[str]:
