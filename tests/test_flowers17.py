@@ -273,11 +273,16 @@ def test_pretrain_then_finetune_through_the_cli(tmp_path: Path):
     assert "Initialised the backbone from" in output and "test/acc = " in output
     tuned = torch.load(tmp_path / "data/lightning/flowers17-finetune/last.ckpt", weights_only=True)["state_dict"]
     assert tuned["model.head.weight"].shape == (17, 16)
-    # The conv stem's BatchNorm statistics move with every training batch, whatever the rate.
+    # Only the backbone carries over: the pre-training's projector and instance head stay behind. The
+    # conv stem's BatchNorm statistics move with every training batch, whatever the rate.
+    assert any(name.startswith("projector.") for name in pretrained["state_dict"])
+    assert not any(name.startswith("projector.") for name in tuned)
     statistics = ("running_mean", "running_var", "num_batches_tracked")
-    for name, value in pretrained["state_dict"].items():
-        if not name.startswith("model.head.") and not name.endswith(statistics):
-            assert torch.allclose(tuned[name], value, atol=1e-5), name
+    backbone = {name: value for name, value in pretrained["state_dict"].items()
+                if name.startswith("model.") and not name.startswith("model.head.") and not name.endswith(statistics)}
+    assert backbone
+    for name, value in backbone.items():
+        assert torch.allclose(tuned[name], value, atol=1e-5), name
 
 
 @real_flowers
