@@ -83,7 +83,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/flowers17", help="folder with jpg/ (and datasplits.mat)")
     parser.add_argument("--budget", type=float, default=600.0, help="seconds of training per method (max_time)")
-    parser.add_argument("--pretrain-share", type=float, default=0.5, help="of IDMM's budget, for pre-training")
+    parser.add_argument("--pretrain-share", type=float, default=0.4,
+                        help="of IDMM's budget, for pre-training (0.4 beat 0.7 on validation at 240 s)")
     parser.add_argument("--methods", nargs="+", default=["supervised", "contrastive", "idmm"],
                         choices=["supervised", "contrastive", "idmm"])
     parser.add_argument("--train-on", nargs="+", default=["train", "train+val"], choices=["train", "train+val"])
