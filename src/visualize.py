@@ -12,11 +12,15 @@ from torch import Tensor
 from src.images import unpatchify
 
 
-def attention_rollout(maps: Sequence[Tensor]) -> Tensor:
-    """Attention rollout (Abnar & Zuidema, 2020): how much each patch flows into the class token.
+def attention_rollout(maps: Sequence[Tensor], global_pool: str = "token") -> Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each patch flows into what the head reads.
 
-    `maps` are the blocks' attention weights (B, H, N+1, N+1); returns (B, h, w) scaled to max 1.
+    `maps` are the blocks' attention weights (B, H, N+1, N+1); `global_pool` is the model's (its
+    `ViT.global_pool`): "token" follows the class token's row, "avg" the mean of the patch tokens'
+    rows, since that mean is what an avg-pooled head classifies. Returns (B, h, w) scaled to max 1.
     """
+    if global_pool not in ("token", "avg"):
+        raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
     B, _, N, _ = maps[0].shape
     eye = torch.eye(N, device=maps[0].device)
     rollout = eye.expand(B, N, N)
@@ -25,7 +29,10 @@ def attention_rollout(maps: Sequence[Tensor]) -> Tensor:
         a = 0.5 * a + 0.5 * eye  # the residual connection carries half of each token through
         a = a / a.sum(dim=-1, keepdim=True)
         rollout = a @ rollout
-    relevance = rollout[:, 0, 1:]  # (B, N): class token's row, patch columns
+    if global_pool == "token":
+        relevance = rollout[:, 0, 1:]  # (B, N): class token's row, patch columns
+    else:
+        relevance = rollout[:, 1:, 1:].mean(dim=1)  # (B, N): the patch rows' mean, patch columns
     side = math.isqrt(N - 1)
     relevance = relevance.reshape(B, side, side)  # (B, h, w)
     return relevance / relevance.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)

@@ -140,3 +140,26 @@ def test_classifier_step_and_metrics():
     # num_classes <= 5: top-5 accuracy would be trivially 1, so it is not tracked.
     assert set(module.val_metrics.keys()) == {"val/acc"}
     assert set(ViTClassifier(num_classes=10).val_metrics.keys()) == {"val/acc", "val/acc5"}
+
+
+@pytest.mark.parametrize("global_pool, peak", [("token", 2), ("avg", 9)])
+def test_attention_rollout_explains_what_the_head_reads(monkeypatch, global_pool: str, peak: int):
+    """A model whose class token attends only to patch 2 and whose patch tokens attend only to patch 9:
+    the picture of a class-token head must point at 2, that of a mean-token head at 9."""
+    from src.visualize import attention_rollout
+
+    def fixed(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        B, H, N, _ = q.shape
+        weights = torch.zeros(B, H, N, N)
+        weights[:, :, 0, 1 + 2] = 1.0  # the class token's row
+        weights[:, :, 1:, 1 + 9] = 1.0  # every patch token's row
+        return weights
+
+    monkeypatch.setattr(Attention, "_weights", fixed)
+    model = ViT(**{**TINY, "global_pool": global_pool}).eval()
+    rollout = attention_rollout(model.attention_maps(patches()), model.global_pool)  # (B, 4, 4)
+    assert rollout.shape == (3, 4, 4)
+    assert (rollout.flatten(1).argmax(dim=1) == peak).all()
+    assert torch.allclose(rollout.amax(dim=(1, 2)), torch.ones(3))
+    with pytest.raises(ValueError, match="global_pool"):
+        attention_rollout(model.attention_maps(patches()), "max")
