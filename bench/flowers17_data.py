@@ -2,8 +2,8 @@
 
     python bench/flowers17_data.py --root ../shared/datasets/17flowers
 
-Both paths apply the same augmentation (random resized crop, flip, RandAugment, normalise, patchify)
-in one process; only the source differs: opening and decoding each 500 px JPEG every epoch, or the
+Both paths apply the same per-image augmentation (random resized crop, flip, RandAugment, normalise;
+patches are cut later, a batch at a time) in one process; only the source differs: opening and decoding each 500 px JPEG every epoch, or the
 uint8 tensors decoded once (what Flowers17DataModule does). Also times building the cache itself.
 """
 
@@ -19,18 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.data.flowers17 import Flowers17, check_files  # noqa: E402
 from src.data.folder import load_rgb  # noqa: E402
-from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, photo_train_transform  # noqa: E402
+from src.data.transforms import photo_train_transform  # noqa: E402
+from src.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/flowers17")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--images", type=int, default=680, help="one training epoch of split 1")
     args = parser.parse_args()
 
-    transform = photo_train_transform(args.image_size, args.patch_size, IMAGENET_MEAN, IMAGENET_STD)
+    transform = photo_train_transform(args.image_size, IMAGENET_MEAN, IMAGENET_STD)
     files = check_files(Path(args.root))[: args.images]
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
