@@ -7,8 +7,9 @@
     python classify.py cat.jpg --attention attention.png
     python classify.py --export model.safetensors
 
-The checkpoint defaults to the newest run's best one (data/lightning/models); --checkpoint picks
-another, a .ckpt from train.py or a .safetensors from --export. Checkpoints are loaded weights-only.
+The checkpoint defaults to the best one of the newest run (the run folder under data/lightning/ whose
+last.ckpt was written last); --checkpoint picks another, a .ckpt from train.py or a .safetensors
+from --export. Checkpoints are loaded weights-only.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> dict:
             report["predictions"].append(entry)
         if args.attention and len(panels) < MAX_PANELS:
             keep = patches[: MAX_PANELS - len(panels)]
-            rollout = attention_rollout(classifier.model.attention_maps(keep)).cpu()
+            model = classifier.model
+            rollout = attention_rollout(model.attention_maps(keep), model.global_pool).cpu()
             hp = classifier.hparams
             pixels = to_pixels(keep, hp["image_size"], hp["patch_size"], hp["mean"], hp["std"])
             panels += list(zip(pixels, rollout, report["predictions"][-len(chunk):]))

@@ -1,8 +1,9 @@
 """Train a Vision Transformer: `python train.py [--config configs/X.yaml] [--model.lr 3e-4 ...]`.
 
 With no --config it picks the recipe for the machine: configs/cifar10.yaml with a CUDA GPU,
-configs/cifar10-cpu.yaml otherwise. When data/lightning/models/last.ckpt exists the run
-resumes from it (pass --fresh to start over); after fitting, the best checkpoint is tested.
+configs/cifar10-cpu.yaml otherwise. Checkpoints go to data/lightning/<the data's name>/ (the
+recipe's or --checkpoint.dirpath's folder when given); when last.ckpt exists there the run resumes
+from it (pass --fresh to start over). After fitting, the best checkpoint is tested.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(args: list[str] | None = None) -> None:
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     runs.check_start(model, data)
     ckpt_path = runs.resume_from(model, resume) if resume is not None else None
+    runs.announce(trainer, resume)
     del resume  # fit() reads the file itself; do not hold a second copy
     runs.follow_knn(trainer, data)
     validation_chooses = runs.validation_may_choose(trainer, data)

@@ -248,9 +248,10 @@ class TimeBudget(Callback):
 
 
 class TensorBoardPictures(Callback):
-    """Pictures in TensorBoard: every `every_n_epochs` validations, the confusion matrix, a grid of
-    validation images with predicted/true labels, and attention rollouts over the same fixed images;
-    after testing, the hyperparameters with the final metrics in the HPARAMS tab."""
+    """Pictures in TensorBoard: at a run's first validation, every `every_n_epochs` epochs and at its
+    last validation, the confusion matrix, a grid of validation images with predicted/true labels, and
+    attention rollouts over the same fixed images; after testing, the hyperparameters with the final
+    metrics in the HPARAMS tab."""
 
     def __init__(self, every_n_epochs: int = 5, num_images: int = 16) -> None:
         if every_n_epochs < 1 or num_images < 1:
@@ -260,16 +261,33 @@ class TensorBoardPictures(Callback):
             )
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
+        self._validated: int | None = None  # global step of this run's latest validation
+        self._drawn: int | None = None  # global step of the latest validation drawn
 
     @staticmethod
     def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
         return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validated = self._drawn = None
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        if pl_module.hparams.get("evaluation") == "knn":  # pre-training: its head predicts no class to draw
-            return
+        if trainer.sanity_checking or pl_module.hparams.get("evaluation") == "knn":
+            return  # pre-training's head predicts no class to draw
+        self._validated = trainer.global_step
+        # Whether this validation is the run's last is known only after it (early stopping decides
+        # then): a last one not drawn here is drawn when training ends (on_train_end).
+        if self._drawn is None or (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._draw(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The model still holds the weights of the last validation when no training step followed it.
+        if self._validated is not None and self._validated != self._drawn and self._validated == trainer.global_step:
+            self._draw(trainer, pl_module)
+
+    def _draw(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The latest validation's pictures, logged at its global step."""
+        self._drawn = trainer.global_step
         matrix = pl_module.val_confusion.compute()  # every rank takes part in the sync
         logger = self._tensorboard(trainer)
         if logger is None or not trainer.is_global_zero:
@@ -289,7 +307,12 @@ class TensorBoardPictures(Callback):
         samples = [val_set[i] for i in picks.unique().tolist()]
         patches = torch.stack([patches for patches, _ in samples]).to(pl_module.device)  # (B, N, P*P*C)
         targets = [int(target) for _, target in samples]
-        logits = evaluation_logits(pl_module.model, patches, hp.flip_tta, hp.patch_size)
+        was_training = pl_module.training
+        pl_module.eval()  # on_train_end comes after Lightning has put the model back in training mode
+        with torch.no_grad():
+            logits = evaluation_logits(pl_module.model, patches, hp.flip_tta, hp.patch_size)
+            rollout = attention_rollout(pl_module.model.attention_maps(patches), pl_module.model.global_pool)
+        pl_module.train(was_training)
         probabilities = logits.float().softmax(dim=-1)  # as validation scored them
         confidence, predicted = probabilities.max(dim=-1)
         pixels = to_pixels(patches, hp.image_size, hp.patch_size, hp.mean, hp.std)
@@ -297,7 +320,6 @@ class TensorBoardPictures(Callback):
                   for p, c, t in zip(predicted.tolist(), confidence.tolist(), targets)]
         correct = [p == t for p, t in zip(predicted.tolist(), targets)]
         logger.experiment.add_figure("val/predictions", prediction_figure(pixels, titles, correct), step)
-        rollout = attention_rollout(pl_module.model.attention_maps(patches))
         logger.experiment.add_figure(
             "val/attention", prediction_figure(pixels, titles, correct, heatmaps=rollout), step
         )

@@ -6,7 +6,11 @@ test) is src/runs.py, called in order by train.py.
 
 from __future__ import annotations
 
+import importlib
+import logging
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionYesNo, ArgumentError
@@ -25,6 +29,14 @@ from src.hardware import default_precision, default_recipe
 from src.models.classifier import ViTClassifier
 
 ROOT_DIR = "data/lightning"
+
+# Lightning's own noise that no user of train.py can act on: its use of a torch API that torch has
+# deprecated, a warning that a resumed run's checkpoint folder is not empty (it holds what is resumed),
+# and an advertisement. Warnings a user can act on are left alone.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip"))
 
 # Values the model must agree with the data on; the DataModule is the single source of each.
 LINKED_FROM_DATA = ("num_classes", "class_names", "image_size", "patch_size", "mean", "std", "evaluation")
@@ -95,7 +107,7 @@ class ViTCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.dirpath": f"{ROOT_DIR}/models",
+                "checkpoint.dirpath": None,  # data/lightning/<the data's name> (run_folder)
                 "checkpoint.filename": "epoch{epoch:03d}-acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.monitor": "val/acc",
@@ -150,6 +162,15 @@ class ViTCLI(LightningCLI):
         config = self.config
         if not 0.0 <= config.ema < 1.0:
             raise ConfigError(f"--ema is a decay in [0, 1) (0 = off), got {config.ema}")
+        if config.checkpoint.dirpath is None:
+            folder = run_folder(config.data)
+            for name in ("checkpoint", "last_checkpoint", "step_checkpoint"):
+                config[name].dirpath = folder
+            legacy = Path(ROOT_DIR) / "models"
+            if not (Path(folder) / "last.ckpt").exists() and (legacy / "last.ckpt").exists():
+                rank_zero_info(f"Note: {legacy}/ holds a run of an earlier version, when every dataset shared "
+                               f"that folder; this run's is {folder}/. To resume that run, pass "
+                               f"--checkpoint.dirpath {legacy}")
         if config.trainer.precision is None:
             config.trainer.precision, why = default_precision(config.trainer.accelerator)
             rank_zero_info(f"Precision: {config.trainer.precision} ({why}); override with --trainer.precision")
@@ -190,6 +211,15 @@ class ViTCLI(LightningCLI):
         except MisconfigurationException as error:  # Lightning's own check of a trainer setting
             option = "--trainer.max_time: " if "Timer(duration" in str(error) else "trainer: "
             raise ConfigError(f"{option}{error}") from None
+
+
+def run_folder(data: Any) -> str:
+    """A run's checkpoint folder when none is given: `data/lightning/<name>`, named after the data it
+    holds (the DataModule's `run_name`), so runs of different datasets never share one."""
+    module, _, name = data.class_path.rpartition(".")
+    datamodule = getattr(importlib.import_module(module), name)
+    root = data.init_args.get("root") if data.init_args else None
+    return f"{ROOT_DIR}/{datamodule.run_name(None if root is None else str(root))}"
 
 
 def flag_value(args: list[str], flag: str) -> str | None:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from pytorch_lightning import LightningDataModule, LightningModule, Trainer
+from pytorch_lightning import Callback, LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
@@ -92,8 +93,8 @@ def fit_problems(saved: dict, wanted: dict, keys: Iterable[str], found: dict[str
 
 
 def resume_from(model: LightningModule, resume: Resume) -> Path:
-    """The checkpoint to resume, once checked against the configured model and data and announced;
-    one clear ConfigError when it does not fit."""
+    """The checkpoint to resume, once checked against the configured model and data; one clear
+    ConfigError when it does not fit. `announce` says it is resumed, once the data is read."""
     checkpoint = resume.checkpoint
     saved = saved_settings(checkpoint.get("hyper_parameters", {}))
     weights = upgrade_state_dict(checkpoint.get("state_dict", {}), prefix="model.")
@@ -104,12 +105,34 @@ def resume_from(model: LightningModule, resume: Resume) -> Path:
             "Resume with the settings it was trained with, or pass --fresh to start a new run "
             "(the old checkpoints are kept)."
         )
-    rank_zero_info(f"Resuming from {resume.path} (saved in epoch {checkpoint.get('epoch')}, global step "
-                   f"{checkpoint.get('global_step')}); pass --fresh to start a new run.")
-    if "ExactResume" not in checkpoint.get("callbacks", {}):  # src.callbacks.ExactResume's state
-        rank_zero_info("Note: this checkpoint predates exact resume (it holds no random state or data position): "
-                       "training goes on from it, but not with the batches and random draws of an uninterrupted run.")
     return resume.path
+
+
+def announce(trainer: Trainer, resume: Resume | None) -> None:
+    """What the run resumes, and where its checkpoints and TensorBoard logs go: said once fit has read
+    and checked the data, so a run that its data stops announces nothing."""
+    lines = []
+    if resume is not None:
+        checkpoint = resume.checkpoint
+        lines.append(f"Resuming from {resume.path} (saved in epoch {checkpoint.get('epoch')}, global step "
+                     f"{checkpoint.get('global_step')}); pass --fresh to start a new run.")
+        if "ExactResume" not in checkpoint.get("callbacks", {}):  # src.callbacks.ExactResume's state
+            lines.append("Note: this checkpoint predates exact resume (it holds no random state or data position): "
+                         "training goes on from it, but not with the batches and random draws of an uninterrupted "
+                         "run.")
+    where = [f"Checkpoints: {as_typed(trainer.checkpoint_callback.dirpath)}/"] if trainer.checkpoint_callback else []
+    logger = trainer.logger
+    if isinstance(logger, TensorBoardLogger):
+        where.append(f"TensorBoard logs: {logger.log_dir} (view them with: tensorboard --logdir {logger.save_dir})")
+    if where:
+        lines.append("; ".join(where))
+    trainer.callbacks.append(SayAfterData(*lines))
+
+
+def as_typed(path: str | Path) -> Path:
+    """`path` relative to the working directory when it lies below it, as a user would type it."""
+    path = Path(path)
+    return path.relative_to(Path.cwd()) if path.is_absolute() and path.is_relative_to(Path.cwd()) else path
 
 
 def check_start(model: LightningModule, datamodule: LightningDataModule) -> None:
@@ -179,10 +202,26 @@ def no_trace_if_refused(trainer: Trainer, last: Path) -> Iterator[None]:
     can be resumed, so its TensorBoard folder goes too; a resumed run keeps its old folder."""
     logger = trainer.logger
     log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
-    new = log_dir is not None and not log_dir.exists()
+    first_new = None  # the outermost folder of log_dir that this run creates
+    path = log_dir.absolute() if log_dir is not None else None
+    while path is not None and not path.exists():
+        first_new, path = path, path.parent
     try:
         yield
     except UserError:
-        if new and not last.exists() and trainer.is_global_zero:
-            shutil.rmtree(log_dir, ignore_errors=True)
+        if first_new is not None and not last.exists() and trainer.is_global_zero:
+            shutil.rmtree(first_new, ignore_errors=True)
         raise
+
+
+class SayAfterData(Callback):
+    """Lines said once, when fit has read and checked the data: Lightning prepares and sets up the
+    DataModule before any callback's `setup`, so a run that its data stops says none of them."""
+
+    def __init__(self, *lines: str) -> None:
+        self.lines = lines
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for line in self.lines:
+            rank_zero_info(line)
+        self.lines = ()

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
 import hashlib
 import multiprocessing
+import multiprocessing.context
+import multiprocessing.process
 import os
+import shutil
 import signal
 import warnings
-from functools import cached_property
+import weakref
+from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
@@ -34,16 +40,60 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(number, signal.SIG_IGN)
 
 
+# The loader worker processes this project's DataLoaders started; a WeakSet, so ended ones drop out.
+_LOADER_WORKERS: "weakref.WeakSet[multiprocessing.process.BaseProcess]" = weakref.WeakSet()
+
+
+@functools.cache
+def _recording(base: type) -> type:
+    """A multiprocessing context of class `base` whose `Process` also records each process it makes."""
+
+    def process(self, *args: Any, **kwargs: Any) -> multiprocessing.process.BaseProcess:
+        made = base.Process(*args, **kwargs)
+        _LOADER_WORKERS.add(made)
+        return made
+
+    return type(f"Recording{base.__name__}", (base,), {"Process": process})
+
+
+def loader_context() -> multiprocessing.context.BaseContext:
+    """The default start method's context, for our DataLoaders: it records the workers they start, the
+    processes `stop_loader_workers` may kill. Asked for when a loader is made, not at import, so a
+    user's script may still choose its own start method."""
+    return _recording(type(multiprocessing.get_context()))()
+
+
+def is_our_loader_worker(process: multiprocessing.process.BaseProcess) -> bool:
+    """Whether a child process is a worker of one of this project's DataLoaders."""
+    return process in _LOADER_WORKERS
+
+
 @atexit.register  # after multiprocessing registered its own exit handler, so it runs before it
 def stop_loader_workers() -> None:
     """At exit, Python's multiprocessing stops the daemonic processes still running (a loader's workers,
-    when a script or a notebook kept the loader) with SIGTERM, which loader workers ignore
-    (`ignore_stop_signals`), and then waits for them forever: stop them with SIGKILL instead."""
-    workers = [process for process in multiprocessing.active_children() if process.daemon]
+    when a script or a notebook kept the loader) with SIGTERM, which our loader workers ignore
+    (`ignore_stop_signals`), and then waits for them forever: stop those with SIGKILL instead. Every
+    other child process is left to multiprocessing."""
+    workers = [process for process in multiprocessing.active_children() if is_our_loader_worker(process)]
     if workers and hasattr(signal, "SIGCHLD"):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report them as failed
     for process in workers:
         process.kill()
+
+
+@contextlib.contextmanager
+def kept_only_if_done(folder: Path) -> Iterator[None]:
+    """The folders a download creates for `folder` are removed again when it fails: a mistyped
+    --data.root leaves no empty dataset folder behind."""
+    first_new, path = None, folder.absolute()
+    while not path.exists():
+        first_new, path = path, path.parent
+    try:
+        yield
+    except BaseException:
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
+        raise
 
 
 def default_num_workers() -> int:
@@ -246,7 +296,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
 
-    @cached_property
+    @classmethod
+    def run_name(cls, root: str | None = None) -> str:
+        """The name of a run's folder under data/lightning/ when none is given: the data it holds."""
+        return cls.__name__.removesuffix("DataModule").lower()
+
+    @functools.cached_property
     def mix(self) -> v2.Transform | None:
         """MixUp / CutMix over this dataset's classes, or None; built once `num_classes` is known."""
         if not (self.mixup_alpha or self.cutmix_alpha):
@@ -329,7 +384,8 @@ class ImageDataModule(pl.LightningDataModule):
         # Device-side images need no loader processes: a batch is a list of indices.
         workers = 0 if isinstance(dataset, DeviceImages) else self.num_workers
         options = dict(batch_size=self.batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                       persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals if workers > 0 else None)
+                       persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals if workers > 0 else None,
+                       multiprocessing_context=loader_context() if workers > 0 else None)
         # Its own generator (the workers' seeds): loaders draw nothing from the training's random state.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, as Lightning's own samplers use
         generator = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 
-from src.data.base import ImageDataModule, TransformedSubset, stratified_split
+from src.data.base import ImageDataModule, TransformedSubset, kept_only_if_done, stratified_split
 from src.images import CIFAR10_MEAN, CIFAR10_STD
 from src.errors import DataError
 
@@ -51,7 +51,8 @@ class CIFAR10DataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup: the only place that may download.
-        self._open(train=True, download=self.download)
+        with kept_only_if_done(self.root):
+            self._open(train=True, download=self.download)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and self.train_set is None:

@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, download_url
 from tqdm.auto import tqdm
 
-from src.data.base import ImageDataModule, TransformedSubset, stratified_split
+from src.data.base import ImageDataModule, TransformedSubset, kept_only_if_done, stratified_split
 from src.data.device import BatchAugment
 from src.data.transforms import photo_train_transform
 from src.images import IMAGENET_MEAN, IMAGENET_STD
@@ -268,7 +268,8 @@ class Flowers17DataModule(ImageDataModule):
     def prepare_data(self) -> None:
         # One process per node: download, then decode into the on-disk cache that setup() reads.
         if self.download:
-            download(self.root)
+            with kept_only_if_done(self.root):
+                download(self.root)
         Flowers17(self.root, self.cache_size, self.cache_dir, self.show_progress)
 
     def splits(self, dataset: Flowers17) -> dict[str, list[int]]:

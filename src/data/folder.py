@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -88,6 +89,13 @@ class ImageFolderDataModule(ImageDataModule):
                     f"{self.split_dirs[split]} must have the same class folders as "
                     f"{self.split_dirs['train']}: {', '.join(self.class_names)}"
                 )
+
+    @classmethod
+    def run_name(cls, root: str | None = None) -> str:
+        """The image folder's own name (its parent's, for a `.../train` root), as a file name."""
+        path = Path(root or ".").resolve()
+        name = path.parent.name if path.name == "train" else path.name
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "images"
 
     @staticmethod
     def _class_names(folder: Path) -> list[str]:
