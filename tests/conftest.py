@@ -116,3 +116,9 @@ def flowers17(tmp_path: Path, flowers17_pristine: Path) -> Path:
     import shutil
 
     return Path(shutil.copytree(flowers17_pristine, tmp_path / "flowers17"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """120 32x32 PNGs in 3 classes (96 to train on: 12 steps of 8), shared by a test module's process tests."""
+    return write_image_folder(tmp_path_factory.mktemp("process") / "images", classes=3, per_class=40)

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 import train as train_script
-from conftest import REPO, write_cifar10, write_flowers17, write_image_folder
+from conftest import REPO, write_cifar10, write_image_folder
+from helpers import RUN_DIR
 
 IMAGES = "images"  # each case's image folder, relative to its working directory
 FAST = [
@@ -78,13 +79,16 @@ def cifar(cwd: Path) -> None:
     write_cifar10(cwd / "cifar")
 
 
+FLOWERS_SOURCE: Path  # a pristine synthetic Flowers-17 folder, written once per session (flowers_source)
+
+
 def flowers(cwd: Path) -> None:
-    write_flowers17(cwd / "flowers")
+    shutil.copytree(FLOWERS_SOURCE, cwd / "flowers")
 
 
 def all_checkpoints(transform: Callable[[bytes], bytes]) -> Callable[[Path], None]:
     def setup(cwd: Path) -> None:
-        for path in (cwd / "data/lightning/models").glob("*.ckpt"):
+        for path in (cwd / RUN_DIR).glob("*.ckpt"):
             path.write_bytes(transform(path.read_bytes()))
     return setup
 
@@ -168,19 +172,25 @@ CASES = [
     ("resume-another-dataset", also(trained, remove(IMAGES), lambda cwd: write_image_folder(
         cwd / IMAGES, classes=4, per_class=10, size=16)), FOLDER, r"different model or data: num_classes=3"),
     ("resume-corrupt-checkpoints", also(trained, all_checkpoints(lambda b: b[: len(b) // 3])), FOLDER,
-     r"cannot read data/lightning/models/last\.ckpt .* no other checkpoint .* is readable; pass --fresh"),
+     r"cannot read data/lightning/images/last\.ckpt .* no other checkpoint .* is readable; pass --fresh"),
     ("resume-pickled-code", also(trained, all_checkpoints(lambda b: pickle.dumps(print))), FOLDER,
-     r"cannot read data/lightning/models/last\.ckpt"),
+     r"cannot read data/lightning/images/last\.ckpt"),
     ("data-is-a-file", also(images, write("data", b"")), FOLDER, r"data"),
     ("checkpoint-dir-unwritable", also(images, write("blocked", b"")),
      [*FOLDER, "--checkpoint.dirpath", "blocked/models"], r"blocked/models"),
 ]
 
 
-def snapshot(cwd: Path) -> dict[str, bytes]:
-    """Every file under cwd/data, with its bytes."""
-    data = cwd / "data"
-    return {str(p.relative_to(cwd)): p.read_bytes() for p in data.rglob("*") if p.is_file()} if data.is_dir() else {}
+def snapshot(cwd: Path) -> dict[str, bytes | None]:
+    """Every file and folder under cwd, with the files' bytes (folders: None); the inputs aside."""
+    inputs = {IMAGES, "cifar", "flowers"}
+    return {str(p.relative_to(cwd)): p.read_bytes() if p.is_file() else None for p in cwd.rglob("*")
+            if p.relative_to(cwd).parts[0] not in inputs}
+
+
+@pytest.fixture(autouse=True)
+def flowers_source(flowers17_pristine: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(globals(), "FLOWERS_SOURCE", flowers17_pristine)
 
 
 @pytest.mark.parametrize("name, setup, args, expected", CASES, ids=[case[0] for case in CASES])
@@ -203,10 +213,13 @@ def test_bad_input_is_one_clear_line(name, setup, args, expected, tmp_path, monk
     assert "Traceback" not in err and "usage:" not in err
     assert len(lines) == 1 and len(lines[0]) < 600, err
     assert __import__("re").search(expected, lines[0]), lines[0]
-    # Nothing half-way: no new or changed file under data/ (no run folder, no checkpoint). A decode
-    # cache (written whole, atomically) is finished work the next run reuses, so it may appear.
+    # Nothing half-way: no new or changed file or folder (no run folder, no checkpoint, no dataset
+    # folder). A decode cache (written whole, atomically) is finished work the next run reuses, so it
+    # may appear.
     after = snapshot(tmp_path)
-    changed = sorted(k for k, v in after.items() if before.get(k) != v and not k.startswith("data/cache/"))
+    cache = ("data", "data/cache")
+    changed = sorted(k for k, v in after.items() if (k not in before or before[k] != v)
+                     and k not in cache and not k.startswith("data/cache/"))
     assert changed == []
 
 

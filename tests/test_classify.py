@@ -19,23 +19,24 @@ import classify
 from conftest import REPO, write_image_folder
 from src.data import ImageFolderDataModule
 from src.inference import load_classifier
-from test_cli import TINY_RUN, train
+from helpers import RUN_DIR, TINY_RUN, train_here
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding a finished 2-epoch train.py run on a 3-class image folder."""
+    """A folder holding a finished 3-epoch train.py run on a 3-class image folder."""
     root = tmp_path_factory.mktemp("classify")
     images = write_image_folder(root / "images", classes=3, per_class=12)
-    result = train(root, *TINY_RUN, "--data.root", str(images), "--trainer.max_epochs", "2",
-                   "--pictures.every_n_epochs", "1", "--pictures.num_images", "6")
-    assert result.returncode == 0, result.stderr
+    # Three epochs, pictures every 5: drawn at the first validation and at the last.
+    result = train_here(root, *TINY_RUN, "--data.root", str(images), "--trainer.max_epochs", "3",
+                        "--pictures.every_n_epochs", "5", "--pictures.num_images", "6")
+    assert result.returncode == 0, result.output
     return root
 
 
 @pytest.fixture
 def in_run(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(run_dir)  # classify.py looks for data/lightning/models where it is run
+    monkeypatch.chdir(run_dir)  # classify.py looks for data/lightning/*/last.ckpt where it is run
     return run_dir
 
 
@@ -91,7 +92,7 @@ def test_image_files_folders_and_odd_modes(in_run: Path, capsys, tmp_path: Path)
 
 
 def test_preprocessing_is_the_training_eval_transform(in_run: Path):
-    classifier = load_classifier(in_run / "data/lightning/models/last.ckpt")
+    classifier = load_classifier(in_run / RUN_DIR / "last.ckpt")
     # The run's own patch size (the CPU recipe's 8, not the DataModule's default 4).
     data = ImageFolderDataModule(root=str(in_run / "images"), num_workers=0,
                                  patch_size=classifier.hparams["patch_size"])
@@ -114,14 +115,14 @@ def test_attention_picture(in_run: Path, capsys, tmp_path: Path):
 
 def test_export_safetensors_round_trip(in_run: Path, capsys, tmp_path: Path):
     exported = tmp_path / "model.safetensors"
-    code, out, _ = classify_main(capsys, "--checkpoint", "data/lightning/models/last.ckpt",
+    code, out, _ = classify_main(capsys, "--checkpoint", f"{RUN_DIR}/last.ckpt",
                                  "--export", str(exported))
     assert code == 0 and exported.is_file() and f"Exported weights and settings to {exported}" in out
     umask = os.umask(0)
     os.umask(umask)
     assert exported.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others, as any file the user writes
     image = str(in_run / "images" / "class_1" / "003.png")
-    _, from_ckpt, _ = classify_main(capsys, image, "--json", "--checkpoint", "data/lightning/models/last.ckpt")
+    _, from_ckpt, _ = classify_main(capsys, image, "--json", "--checkpoint", f"{RUN_DIR}/last.ckpt")
     _, from_st, _ = classify_main(capsys, image, "--json", "--checkpoint", str(exported))
     assert json.loads(from_ckpt)["predictions"] == json.loads(from_st)["predictions"]
     _, sample, _ = classify_main(capsys, "--json", "--checkpoint", str(exported))  # dataset kept too
@@ -153,12 +154,12 @@ def test_crafted_checkpoint_runs_nothing(in_run: Path, capsys, tmp_path: Path):
 
 def test_train_py_refuses_a_crafted_last_ckpt(tmp_path: Path, image_folder: Path):
     marker = tmp_path / "pwned"
-    models = tmp_path / "data/lightning/models"
+    models = tmp_path / RUN_DIR
     models.mkdir(parents=True)
     torch.save({"state_dict": {}, "epoch": CreatesFile(marker)}, models / "last.ckpt")
-    result = train(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.max_epochs", "1")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "cannot read data/lightning/models/last.ckpt" in result.stderr
+    result = train_here(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.max_epochs", "1")
+    assert result.returncode == 2 and "Traceback" not in result.output
+    assert f"cannot read {RUN_DIR}/last.ckpt" in result.output
     assert not marker.exists()
 
 
@@ -166,7 +167,7 @@ def test_train_py_refuses_a_crafted_last_ckpt(tmp_path: Path, image_folder: Path
                                   "corrupt_checkpoint", "foreign_checkpoint", "missing_checkpoint",
                                   "index_out_of_range", "index_with_images", "empty_folder"])
 def test_errors_are_one_clear_line(case: str, run_dir: Path, tmp_path: Path, monkeypatch, capsys):
-    ckpt = str(run_dir / "data/lightning/models/last.ckpt")
+    ckpt = str(run_dir / RUN_DIR / "last.ckpt")
     good = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
     good.save(tmp_path / "good.png")
     argv, expected = {
@@ -193,6 +194,7 @@ def test_errors_are_one_clear_line(case: str, run_dir: Path, tmp_path: Path, mon
     assert expected in err
 
 
+@pytest.mark.slow
 def test_real_entry_point_exit_code_and_no_traceback(tmp_path: Path):
     result = subprocess.run([sys.executable, str(REPO / "classify.py")], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
@@ -205,7 +207,9 @@ def test_tensorboard_pictures_and_hparams(run_dir: Path):
     events = EventAccumulator(str(logs), size_guidance={"images": 0}).Reload()
     images = events.Tags()["images"]
     assert {"val/confusion_matrix", "val/predictions", "val/attention"} <= set(images)
-    assert len(events.Images("val/attention")) == 2  # every_n_epochs=1, two epochs
+    # every_n_epochs 5 in a 3-epoch run: the first validation's and the last one's (4 steps an epoch).
+    assert [event.step for event in events.Images("val/attention")] == [4, 12]
+    assert [event.step for event in events.Images("val/confusion_matrix")] == [4, 12]
     assert {"hp/test_acc", "hp/best_val_acc"} <= set(events.Tags()["scalars"])
     plugins = events.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in plugins

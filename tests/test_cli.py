@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,51 +10,35 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import classify
 from bench.accuracy import RECIPES
 from conftest import REPO, write_image_folder
+from helpers import RUN_DIR, TINY_RUN, train, train_here
 from src.cli import ViTCLI
 from src.hardware import default_precision
 from src.data import ImageFolderDataModule
 from src.data.transforms import eval_transform
 from src.models.classifier import ViTClassifier
 
-TINY_RUN = [
-    "--config", str(REPO / "configs" / "cifar10-cpu.yaml"),
-    "--data", "ImageFolderDataModule",
-    "--data.num_workers", "0",
-    "--data.batch_size", "8",
-    "--model.dim", "16",
-    "--model.depth", "1",
-    "--model.num_heads", "2",
-    "--model.stem_width", "0",  # the recipe's 32-64-128 stem would cost more than the dim-16 model itself
-    "--model.warmup_epochs", "0.5",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.log_every_n_steps", "1",
-]
-
-
-def train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run `python train.py ARGS` in `cwd` (so its data/ lands there) and capture the output."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )
-
 
 def last_step(cwd: Path) -> int:
-    return torch.load(cwd / "data/lightning/models/last.ckpt", weights_only=True)["global_step"]
+    return torch.load(cwd / RUN_DIR / "last.ckpt", weights_only=True)["global_step"]
 
 
-def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
+def test_train_resume_mismatch_fresh_and_classify(tmp_path: Path, image_folder: Path, capsys):
+    """The life of a run: `python train.py` (a real process), a resume, the refusals, --fresh, classify.py."""
     run = [*TINY_RUN, "--data.root", str(image_folder)]
 
     first = train(tmp_path, *run, "--trainer.max_epochs", "1")
     assert first.returncode == 0, first.stderr
-    models = tmp_path / "data/lightning/models"
+    models = tmp_path / RUN_DIR  # named after the image folder
     logs = tmp_path / "data/lightning/lightning_logs/version_0"
     assert (models / "last.ckpt").is_file()
     assert any(p.name.startswith("epoch000-acc") for p in models.glob("*.ckpt"))  # best, by val/acc
-    assert (logs / "config.yaml").is_file()
+    assert f"dirpath: {RUN_DIR}\n" in (logs / "config.yaml").read_text()  # the folder chosen, saved with the run
+    assert (f"Checkpoints: {RUN_DIR}/; TensorBoard logs: data/lightning/lightning_logs/version_0 "
+            "(view them with: tensorboard --logdir data/lightning)") in first.stderr
+    assert "LeafSpec" not in first.stderr and "Tip:" not in first.stderr  # Lightning's noise is filtered
     events = EventAccumulator(str(logs)).Reload()
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "test/acc", "test/loss",
             "lr-AdamW/pg1"} <= set(events.Tags()["scalars"])
@@ -66,9 +48,9 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
     assert steps_one_epoch == 4
     check_checkpoint_rebuilds_model_and_preprocessing(models / "last.ckpt", image_folder)
 
-    second = train(tmp_path, *run, "--trainer.max_epochs", "3")
-    assert second.returncode == 0, second.stderr
-    assert "Resuming from data/lightning/models/last.ckpt (saved in epoch 0, global step 4)" in second.stderr
+    second = train_here(tmp_path, *run, "--trainer.max_epochs", "3")
+    assert second.returncode == 0, second.output
+    assert f"Resuming from {RUN_DIR}/last.ckpt (saved in epoch 0, global step 4)" in second.output
     assert last_step(tmp_path) == 3 * steps_one_epoch  # continued, did not start over
     state = torch.load(models / "last.ckpt", weights_only=True)
     assert state["lr_schedulers"][0]["last_epoch"] == 3 * steps_one_epoch  # schedule continued
@@ -76,43 +58,73 @@ def test_train_resume_mismatch_and_fresh(tmp_path: Path, image_folder: Path):
     assert any(key.startswith("EarlyStopping") for key in state["callbacks"])
     # What an exact resume needs: the random state and the training data's position.
     assert "ExactResume" in state["callbacks"] and state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert "predates exact resume" not in second.stderr
+    assert "predates exact resume" not in second.output
     # The resumed run writes into the same TensorBoard run, so the curves continue.
     assert sorted(p.name for p in logs.parent.iterdir()) == ["version_0"]
     assert len(list(logs.glob("events.out.tfevents.*"))) > 2
 
-    mismatch = train(tmp_path, *run, "--trainer.max_epochs", "4", "--model.dim", "32")
+    mismatch = train_here(tmp_path, *run, "--trainer.max_epochs", "4", "--model.dim", "32")
     assert mismatch.returncode == 2
-    assert "Traceback" not in mismatch.stderr
-    last_line = mismatch.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in mismatch.output
+    last_line = mismatch.output.strip().splitlines()[-1]
     assert "different model or data: dim=16 (here: 32)" in last_line and "--fresh" in last_line
     assert last_step(tmp_path) == 3 * steps_one_epoch  # nothing was overwritten
 
-    # Same shapes, other classes: resuming would silently relabel the outputs.
-    other = write_image_folder(tmp_path / "other", classes=3, per_class=12, seed=1)
+    # Same shapes, other classes, and a folder of the same name: resuming would relabel the outputs.
+    other = write_image_folder(tmp_path / "other" / "images", classes=3, per_class=12, seed=1)
     for c in range(3):
         (other / f"class_{c}").rename(other / f"kind_{c}")
-    relabel = train(tmp_path, *TINY_RUN, "--data.root", str(other), "--trainer.max_epochs", "4")
-    assert relabel.returncode == 2 and "Traceback" not in relabel.stderr
-    assert "class_names=['class_0', 'class_1', 'class_2'] (here: ['kind_0'" in relabel.stderr
+    relabel = train_here(tmp_path, *TINY_RUN, "--data.root", str(other), "--trainer.max_epochs", "4")
+    assert relabel.returncode == 2 and "Traceback" not in relabel.output
+    assert "class_names=['class_0', 'class_1', 'class_2'] (here: ['kind_0'" in relabel.output
+    assert "Resuming" not in relabel.output  # never announced for a run that does not start
 
     # With every checkpoint unreadable, one clear line too (the files are put back afterwards;
     # the fallback to another readable checkpoint is in test_reliability.py).
     saved = {path: path.read_bytes() for path in models.glob("*.ckpt")}
     for path, good in saved.items():
         path.write_bytes(good[: len(good) // 2])
-    torn = train(tmp_path, *run, "--trainer.max_epochs", "4")
-    assert torn.returncode == 2 and "Traceback" not in torn.stderr
-    assert "cannot read data/lightning/models/last.ckpt" in torn.stderr.strip().splitlines()[-1]
+    torn = train_here(tmp_path, *run, "--trainer.max_epochs", "4")
+    assert torn.returncode == 2 and "Traceback" not in torn.output
+    assert f"cannot read {RUN_DIR}/last.ckpt" in torn.output.strip().splitlines()[-1]
     for path, good in saved.items():
         path.write_bytes(good)
 
-    fresh = train(tmp_path, *run, "--trainer.max_epochs", "1", "--model.dim", "32", "--fresh")
-    assert fresh.returncode == 0, fresh.stderr
-    assert "Resuming" not in fresh.stderr
-    kept = [p for p in models.parent.iterdir() if p.name.startswith("models-")]
+    # classify.py, with no --checkpoint, answers from this run's best checkpoint.
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert classify.main([str(next((image_folder / "class_1").iterdir()))]) == 0
+    out = capsys.readouterr().out
+    assert f"{RUN_DIR}/epoch" in out and "Predicted class: " in out and "class_" in out
+
+    fresh = train_here(tmp_path, *run, "--trainer.max_epochs", "1", "--model.dim", "32", "--fresh")
+    assert fresh.returncode == 0, fresh.output
+    assert "Resuming" not in fresh.output
+    kept = [p for p in models.parent.iterdir() if p.name.startswith(f"{RUN_DIR.name}-")]
     assert len(kept) == 1 and (kept[0] / "last.ckpt").is_file()  # the old run is moved, not deleted
     assert last_step(tmp_path) == steps_one_epoch
+
+
+def test_each_dataset_gets_its_own_checkpoint_folder(tmp_path: Path, image_folder: Path):
+    """Runs on two image folders never share a folder; an explicit --checkpoint.dirpath wins; an old
+    data/lightning/models run is pointed to, not resumed by surprise."""
+    other = write_image_folder(tmp_path / "flowers" / "train", classes=2, per_class=10)
+    legacy = tmp_path / "data/lightning/models"
+    legacy.mkdir(parents=True)
+    (legacy / "last.ckpt").write_bytes(b"an old run")
+    a = train_here(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.max_epochs", "1")
+    assert a.returncode == 0, a.output
+    assert "data/lightning/models/ holds a run of an earlier version" in a.output
+    assert "--checkpoint.dirpath data/lightning/models" in a.output
+    b = train_here(tmp_path, *TINY_RUN, "--data.root", str(other.parent), "--trainer.max_epochs", "1")
+    assert b.returncode == 0, b.output  # a 2-class run beside a 3-class one: nothing to refuse
+    assert (tmp_path / "data/lightning/flowers/last.ckpt").is_file()  # `.../flowers/train` is named flowers
+    c = train_here(tmp_path, *TINY_RUN, "--data.root", str(other.parent), "--trainer.max_epochs", "1",
+                   "--checkpoint.dirpath", "runs/mine")
+    assert c.returncode == 0, c.output
+    assert (tmp_path / "runs/mine/last.ckpt").is_file()
+    assert (legacy / "last.ckpt").read_bytes() == b"an old run"
 
 
 def as_written_before_timms_names(checkpoint: dict) -> dict:
@@ -137,26 +149,24 @@ def as_written_before_timms_names(checkpoint: dict) -> dict:
             "callbacks": callbacks, "loops": loops}
 
 
-def test_checkpoints_from_before_timms_names_resume_and_classify(tmp_path: Path, image_folder: Path):
+def test_checkpoints_from_before_timms_names_resume_and_classify(tmp_path: Path, image_folder: Path, capsys):
     run = [*TINY_RUN, "--data.root", str(image_folder)]
-    assert train(tmp_path, *run, "--trainer.max_epochs", "1").returncode == 0
-    last = tmp_path / "data/lightning/models/last.ckpt"
+    assert train_here(tmp_path, *run, "--trainer.max_epochs", "1").returncode == 0
+    last = tmp_path / RUN_DIR / "last.ckpt"
     torch.save(as_written_before_timms_names(torch.load(last, weights_only=True)), last)
     old = tmp_path / "old.ckpt"
     old.write_bytes(last.read_bytes())
 
-    classified = subprocess.run([sys.executable, str(REPO / "classify.py"), "--checkpoint", str(old),
-                                 str(next((image_folder / "class_1").iterdir()))],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert classified.returncode == 0, classified.stderr
-    assert "class_" in classified.stdout
+    capsys.readouterr()
+    assert classify.main(["--checkpoint", str(old), str(next((image_folder / "class_1").iterdir()))]) == 0
+    assert "class_" in capsys.readouterr().out
     model = ViTClassifier.load_from_checkpoint(old, weights_only=True, map_location="cpu")
     assert torch.equal(model.model.cls_token, torch.load(old, weights_only=True)["state_dict"]["model.embed.cls_token"])
 
-    resumed = train(tmp_path, *run, "--trainer.max_epochs", "2")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming from" in resumed.stderr and last_step(tmp_path) == 8  # 4 steps an epoch, continued
-    assert "Note: this checkpoint predates exact resume" in resumed.stderr
+    resumed = train_here(tmp_path, *run, "--trainer.max_epochs", "2")
+    assert resumed.returncode == 0, resumed.output
+    assert "Resuming from" in resumed.output and last_step(tmp_path) == 8  # 4 steps an epoch, continued
+    assert "Note: this checkpoint predates exact resume" in resumed.output
     assert "model.patch_embed.proj.weight" in torch.load(last, weights_only=True)["state_dict"]  # saved in today's names
 
 
@@ -175,62 +185,43 @@ def check_checkpoint_rebuilds_model_and_preprocessing(path: Path, image_folder: 
 def test_last_ckpt_follows_every_epoch_even_on_a_plateau(tmp_path: Path, image_folder: Path):
     """With a learning rate too small to change val/acc, the best checkpoint stays at epoch 0 but
     last.ckpt must still hold the final step (Lightning 2.6's save_last alone would not)."""
-    result = train(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.max_epochs", "3",
-                   "--model.lr", "1e-12", "--model.min_lr", "0")
-    assert result.returncode == 0, result.stderr
-    models = tmp_path / "data/lightning/models"
+    result = train_here(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.max_epochs", "3",
+                        "--model.lr", "1e-12", "--model.min_lr", "0")
+    assert result.returncode == 0, result.output
+    models = tmp_path / RUN_DIR
     assert sorted(p.name for p in models.iterdir())[0].startswith("epoch000-acc")
     assert len(list(models.iterdir())) == 2  # the best and last.ckpt, nothing else
     assert last_step(tmp_path) == 3 * 4
 
 
 def test_a_run_without_validation_trains_and_tests_the_last_weights(tmp_path: Path, image_folder: Path):
-    result = train(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.max_epochs", "1",
-                   "--trainer.limit_val_batches", "0")
-    assert result.returncode == 0, result.stderr
-    output = result.stdout + result.stderr
-    assert "Early stopping is off: there is no validation" in output and "(checkpoint: last weights)" in output
+    result = train_here(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.max_epochs", "1",
+                        "--trainer.limit_val_batches", "0")
+    assert result.returncode == 0, result.output
+    assert "Early stopping is off: there is no validation" in result.output
+    assert "(checkpoint: last weights)" in result.output
 
 
 def test_fast_dev_run_neither_resumes_nor_leaves_a_checkpoint(tmp_path: Path, image_folder: Path):
-    result = train(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.fast_dev_run", "true")
-    assert result.returncode == 0, result.stderr
-    assert not (tmp_path / "data/lightning/models/last.ckpt").exists()
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--model.dim", "30", "--model.num_heads", "4"], "dim=30 is not divisible by num_heads=4"),
-        (["--model.lr", "-0.1"], "lr > 0"),
-        (["--data.batch_size", "0"], "batch_size must be a positive integer, got 0"),
-        (["--data.patch_size", "5"], "patch_size=5 does not divide image_size=32"),
-        (["--model.no_such_key", "1"], "unrecognized arguments: --model.no_such_key"),
-        (["--data.root", "/no/such/folder"], "image folder /no/such/folder does not exist"),
-    ],
-)
-def test_bad_settings_fail_with_one_clear_line(tmp_path: Path, image_folder: Path, args, message):
-    result = train(tmp_path, *TINY_RUN, "--data.root", str(image_folder), *args)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert message in result.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "data/lightning/models").exists()
+    result = train_here(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.fast_dev_run", "true")
+    assert result.returncode == 0, result.output
+    assert not (tmp_path / RUN_DIR / "last.ckpt").exists()
 
 
 def test_print_config_shows_the_default_recipe(tmp_path: Path):
-    result = train(tmp_path, "--print_config")
-    assert result.returncode == 0, result.stderr
-    assert "class_path: src.data.CIFAR10DataModule" in result.stdout
-    assert "monitor: val/acc" in result.stdout and "filename: last" in result.stdout
+    result = train_here(tmp_path, "--print_config")
+    assert result.returncode == 0, result.output
+    assert "class_path: src.data.CIFAR10DataModule" in result.output
+    assert "monitor: val/acc" in result.output and "filename: last" in result.output
     assert not (tmp_path / "data").exists()  # printing the config downloads and writes nothing
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_recipe_parses(tmp_path: Path, config: str):
     # A misspelt or retired key in a recipe fails here, not after a user's download.
-    result = train(tmp_path, "--config", str(REPO / "configs" / config), "--print_config")
-    assert result.returncode == 0, result.stderr
-    assert "class_path: src.data." in result.stdout
+    result = train_here(tmp_path, "--config", str(REPO / "configs" / config), "--print_config")
+    assert result.returncode == 0, result.output
+    assert "class_path: src.data." in result.output
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

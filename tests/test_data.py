@@ -125,11 +125,12 @@ def test_cifar10_split_is_seeded(synthetic_cifar: Path):
 def test_cifar10_offline_error_names_archive_md5_and_folder(tmp_path: Path, monkeypatch):
     import torchvision.datasets.cifar as cifar
 
-    def offline(*args, **kwargs):
+    def offline(url: str, download_root: str, **kwargs):  # as torchvision does: make the folder, then fail
+        Path(download_root).mkdir(parents=True, exist_ok=True)
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
-    root = tmp_path / "cifar"
+    root = tmp_path / "mistyped" / "cifar"
     dm = CIFAR10DataModule(root=str(root), num_workers=0)
     with pytest.raises(DataError) as error:
         dm.prepare_data()
@@ -137,8 +138,9 @@ def test_cifar10_offline_error_names_archive_md5_and_folder(tmp_path: Path, monk
     assert "cifar-10-python.tar.gz" in message
     assert "c58f30108f718f92721af3b95e74349a" in message
     assert str(root) in message and "could not be downloaded" in message
+    assert not (tmp_path / "mistyped").exists()  # a failed run leaves no dataset folder behind
 
-    root.mkdir()
+    root.mkdir(parents=True)
     (root / "cifar-10-python.tar.gz").write_bytes(b"truncated download")
     with pytest.raises(DataError, match="incomplete or corrupt"):
         dm.prepare_data()
@@ -241,18 +243,36 @@ def test_decoding_shows_a_bar_only_when_the_trainer_shows_its_own(image_folder: 
     assert ("Decoding training images" in capsys.readouterr().err) == bar
 
 
-def test_a_script_that_keeps_a_loader_with_workers_still_exits(image_folder: Path):
+@pytest.mark.slow  # a process of its own with loader workers: ~10 s
+def test_a_script_that_keeps_a_loader_with_workers_still_exits(image_folder: Path, tmp_path: Path):
     """Loader workers ignore SIGTERM (so a signal to the whole job lets training save first), which is
-    how Python's multiprocessing stops them at exit: a loader kept alive until then must not hang it."""
+    how Python's multiprocessing stops them at exit: a loader kept alive until then must not hang it.
+    Only the project's own workers are killed at exit; a user's daemonic process still gets
+    multiprocessing's SIGTERM and its own clean exit."""
     script = (
-        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import multiprocessing, signal, sys, time; sys.path.insert(0, sys.argv[1])\n"
         "from src.data import ImageFolderDataModule\n"
-        "data = ImageFolderDataModule(root=sys.argv[2], batch_size=4, num_workers=2, augment_on='loader')\n"
-        "data.setup('fit')\n"
-        "train, val = data.train_dataloader(), data.val_dataloader()\n"
-        "next(iter(train)), next(iter(val))\n"
-        "print('iterated')\n"
+        "from src.data.base import is_our_loader_worker\n"
+        "def user_process(flag):\n"
+        "    def on_term(*_):\n"
+        "        open(flag, 'w').write('terminated cleanly'); sys.exit(0)\n"
+        "    signal.signal(signal.SIGTERM, on_term)\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    mine = multiprocessing.Process(target=user_process, args=(sys.argv[3],), daemon=True)\n"
+        "    mine.start()\n"
+        "    data = ImageFolderDataModule(root=sys.argv[2], batch_size=4, num_workers=2, augment_on='loader')\n"
+        "    data.setup('fit')\n"
+        "    train, val = data.train_dataloader(), data.val_dataloader()\n"
+        "    next(iter(train)), next(iter(val))\n"
+        "    time.sleep(0.5)  # the user's process has set its handler\n"
+        "    ours = [p for p in multiprocessing.active_children() if is_our_loader_worker(p)]\n"
+        "    print('iterated', len(ours), is_our_loader_worker(mine))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(REPO), str(image_folder)], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0 and "iterated" in done.stdout, done.stderr[-2000:]
+    flag = tmp_path / "user_process_flag"
+    script_file = tmp_path / "keeps_loaders.py"
+    script_file.write_text(script)
+    done = subprocess.run([sys.executable, str(script_file), str(REPO), str(image_folder), str(flag)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "iterated 4 False" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert flag.read_text() == "terminated cleanly"  # not SIGKILLed by our exit handler

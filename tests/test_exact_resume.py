@@ -18,9 +18,8 @@ import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from conftest import REPO
+from helpers import RUN_DIR as MODELS, TINY_RUN, partial_files, read_last, wait_for_writes
 from src import rng
-from test_cli import TINY_RUN
-from test_reliability import MODELS, images, partial_files, read_last, wait_for_writes  # noqa: F401 (fixture)
 
 EPOCHS = 4
 STEPS_PER_EPOCH = 12  # 96 training images / batch 8

@@ -18,7 +18,7 @@ import src.data.flowers17 as flowers
 from src.data import Flowers17, Flowers17DataModule
 from src.errors import ConfigError, DataError
 from src.images import unpatchify
-from test_cli import train
+from helpers import train, train_here
 
 
 def datamodule(root: Path, **kwargs) -> Flowers17DataModule:
@@ -320,8 +320,8 @@ def test_contrastive_run_logs_both_terms_and_needs_two_views(tmp_path: Path):
 
 
 def test_finetune_without_a_pretrained_backbone_says_what_to_run(tmp_path: Path, flowers17: Path):
-    run = train(tmp_path, "--config", str(REPO / "configs/flowers17-finetune.yaml"),
-                "--data.root", str(flowers17), "--data.download", "false")
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert "model.init_from: data/lightning/flowers17-pretrain/last.ckpt does not exist" in run.stderr
-    assert "configs/flowers17-pretrain.yaml" in run.stderr
+    run = train_here(tmp_path, "--config", str(REPO / "configs/flowers17-finetune.yaml"),
+                     "--data.root", str(flowers17), "--data.download", "false")
+    assert run.returncode == 2 and "Traceback" not in run.output
+    assert "model.init_from: data/lightning/flowers17-pretrain/last.ckpt does not exist" in run.output
+    assert "configs/flowers17-pretrain.yaml" in run.output

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, write_image_folder
-from test_speed import train_losses
+from helpers import train_losses
 from src.data.device import BatchAugment, DeviceImages
 from src.hardware import default_precision
 from src.models.classifier import ViTClassifier, compile_features, compile_unavailable

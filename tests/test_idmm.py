@@ -19,8 +19,7 @@ from src.images import CIFAR10_MEAN, CIFAR10_STD, patchify, unpatchify
 from src.models.classifier import ViTClassifier
 from src.models.knn import knn_accuracy, knn_predict
 from src.runs import check_start
-from test_cli import train
-from test_objectives import info_nce_reference
+from helpers import info_nce_reference, train_here
 
 TINY = dict(num_classes=10, image_size=16, patch_size=4, dim=32, depth=2, num_heads=4, mlp_ratio=2.0,
             drop_path=0.0)
@@ -192,14 +191,14 @@ def test_layer_decay_scales_the_whole_schedule():
 
 
 def test_idmm_pretraining_logs_knn_accuracy_and_chooses_checkpoints_by_it(tmp_path: Path, flowers17: Path):
-    run = train(tmp_path, "--config", str(REPO / "configs/flowers17-pretrain.yaml"), "--data.root", str(flowers17),
-                "--data.download", "false", "--data.image_size", "16", "--data.num_workers", "0",
-                "--model.dim", "16", "--model.depth", "1", "--model.num_heads", "2",
-                "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "2",
-                "--trainer.check_val_every_n_epoch", "1", "--trainer.log_every_n_steps", "1",
-                "--trainer.enable_progress_bar", "false")
-    assert run.returncode == 0, run.stderr
-    output = run.stdout + run.stderr
+    run = train_here(tmp_path, "--config", str(REPO / "configs/flowers17-pretrain.yaml"),
+                     "--data.root", str(flowers17), "--data.download", "false", "--data.image_size", "16",
+                     "--data.num_workers", "0", "--model.dim", "16", "--model.depth", "1", "--model.num_heads", "2",
+                     "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "2",
+                     "--trainer.check_val_every_n_epoch", "1", "--trainer.log_every_n_steps", "1",
+                     "--trainer.enable_progress_bar", "false")
+    assert run.returncode == 0, run.output
+    output = run.output
     assert "the best checkpoint follow it" in output or "best checkpoint follow it" in output
     events = EventAccumulator(str(tmp_path / "data/lightning/lightning_logs/version_0")).Reload()
     tags = set(events.Tags()["scalars"])

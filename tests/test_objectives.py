@@ -11,22 +11,10 @@ import torch.nn.functional as F
 
 from src.errors import ConfigError
 from src.models.classifier import ViTClassifier, param_groups
+from helpers import info_nce_reference
 from src.models.losses import info_nce
 
 TINY = dict(num_classes=5, image_size=16, patch_size=4, dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
-
-
-def info_nce_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
-    """NT-Xent written out anchor by anchor, straight from the SimCLR paper's definition."""
-    z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
-    B = len(z1)
-    losses = []
-    for i in range(2 * B):
-        positive = (i + B) % (2 * B)
-        similarity = [float(z[i] @ z[k]) / temperature for k in range(2 * B)]
-        denominator = sum(math.exp(s) for k, s in enumerate(similarity) if k != i)
-        losses.append(-math.log(math.exp(similarity[positive]) / denominator))
-    return sum(losses) / len(losses)
 
 
 @pytest.mark.parametrize("batch", [2, 3, 8, 17])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CIFAR_SUBSET, REPO
-from test_cli import train
+from helpers import train
 
 
 @pytest.mark.skipif(not CIFAR_SUBSET.is_dir(), reason=f"real CIFAR-10 subset not found at {CIFAR_SUBSET}")

@@ -20,39 +20,14 @@ from conftest import REPO, write_image_folder
 from src.checkpoints import SafeCheckpointIO, load_for_resume
 from src.errors import CheckpointWriteError, DivergedError
 from src.models.classifier import ViTClassifier
-from test_cli import TINY_RUN, train
+from helpers import RUN_DIR, TINY_RUN, partial_files, read_last, train, wait_for_writes
 
-MODELS = Path("data/lightning/models")
+MODELS = RUN_DIR  # the image folders here are named `images`
 STEPS_PER_EPOCH = 12  # 96 training images (120 less 10 % val and 10 % test) / batch 8
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_image_folder(tmp_path_factory.mktemp("reliability") / "images", classes=3, per_class=40)
 
 
 def command(images: Path, *args: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), *TINY_RUN, "--data.root", str(images), *args]
-
-
-def read_last(cwd: Path) -> dict:
-    return torch.load(cwd / MODELS / "last.ckpt", map_location="cpu", weights_only=True)
-
-
-def partial_files(cwd: Path) -> list[str]:
-    folder = cwd / MODELS
-    return [n for n in os.listdir(folder) if n.endswith(".partial")] if folder.is_dir() else []
-
-
-def wait_for_writes(process: subprocess.Popen, cwd: Path, count: int) -> None:
-    """Return the moment the `count`-th checkpoint write of this process has begun (or it has ended)."""
-    seen, writing = 0, False
-    while process.poll() is None:
-        now = bool(partial_files(cwd))
-        seen += now and not writing
-        writing = now
-        if seen >= count:
-            return
 
 
 @pytest.mark.slow
@@ -158,7 +133,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path: 
     last_line = diverged.stderr.strip().splitlines()[-1]
     assert re.search(r"error: (train/loss is (nan|inf)|weight \S+ is NaN or inf) at global step \d+", last_line)
     assert "Traceback" not in diverged.stderr
-    kept = next(p for p in (tmp_path / MODELS).parent.iterdir() if p.name.startswith("models-"))
+    kept = next(p for p in (tmp_path / MODELS).parent.iterdir() if p.name.startswith(f"{MODELS.name}-"))
     assert (kept / "last.ckpt").read_bytes() == before  # the good run was moved aside untouched
     # Whatever the diverged run saved before the NaN is finite.
     for path in (tmp_path / MODELS).glob("*.ckpt"):

@@ -14,27 +14,11 @@ from src.data.transforms import PatchifyTransform
 from src.hardware import fused_attention
 from src.images import patchify
 from src.models import classifier
-from src.models.classifier import ViTClassifier, compile_features, compile_unavailable, param_groups
+from helpers import train_losses
+from src.models.classifier import ViTClassifier, compile_features, compile_unavailable
 from src.models.vit import Attention, ViT
 
 SMALL = dict(num_classes=10, image_size=32, patch_size=4, dim=48, depth=2, num_heads=4, mlp_ratio=4.0)
-
-
-def train_losses(model: ViT, steps: int, precision: str, seed: int = 0, device: str = "cpu") -> list[float]:
-    """Losses of `steps` AdamW steps on one fixed random batch, as the benchmark's step does them."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(64, 64, 48, generator=generator).to(device)  # (B, N, P*P*C)
-    y = torch.randint(0, 10, (64,), generator=generator).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 def test_bf16_cpu_attention_takes_the_matmul_path_and_agrees_with_float32():
@@ -66,6 +50,7 @@ def test_bf16_mixed_training_follows_the_float32_loss_curve():
         assert abs(a - b) < 0.02 * a, (fp32, bf16)
 
 
+@pytest.mark.slow  # compiling takes ~25 s on 2 cores
 @pytest.mark.skipif(compile_unavailable(torch.device("cpu")) is not None,
                     reason=f"torch.compile cannot run here: {compile_unavailable(torch.device('cpu'))}")
 def test_compile_gives_the_eager_results():
