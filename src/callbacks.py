@@ -179,7 +179,7 @@ class TimeBudget(Callback):
     and the deadline already used; with max_epochs too, it ends at whichever comes first.
     """
 
-    RECENT = 5  # validations that set the reserve; one of each five draws the TensorBoard pictures
+    RECENT = 5  # validations that set the reserve; some of them draw the TensorBoard pictures
 
     def __init__(self) -> None:
         self.warmup_end: float | None = None  # training-clock seconds when warm-up ended

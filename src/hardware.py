@@ -26,7 +26,7 @@ def cpu_bf16_units() -> str | None:
     """The CPU's bf16 matrix hardware, 'AMX' or 'AVX-512 BF16', or None when it has neither.
 
     Without either, PyTorch multiplies bf16 matrices with scalar code: on a 2-core AVX2 EPYC a
-    training step of cifar10-cpu.yaml ran 15x slower in bf16 than in float32 (bench/RESULTS.md).
+    training step of cifar10-cpu.yaml's network ran 15x slower in bf16 than in float32 (bench/RESULTS.md).
     """
     if _cpu_flag("_is_amx_tile_supported"):
         return "AMX"
@@ -76,6 +76,6 @@ def fused_attention(device: torch.device, precision: str | Any) -> bool:
     """Whether attention runs PyTorch's fused kernel on `device` at `precision` (else matmul + softmax).
 
     Fused everywhere but bf16 on a CPU: there PyTorch's fused kernel is 5-8x slower than two batched
-    matmuls and a softmax, which run on the CPU's bf16 matrix units (bench/RESULTS.md, "attention kernel").
+    matmuls and a softmax, which run on the CPU's bf16 matrix units (bench/history/2026-11.md, "Where the speed comes from").
     """
     return not (device.type == "cpu" and "bf16" in str(precision))

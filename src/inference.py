@@ -26,7 +26,7 @@ from src.models.classifier import evaluation_logits
 from src.models.vit import ARCHITECTURE, ViT
 from src.runs import fit_problems
 
-# Each recipe keeps its checkpoints in its own folder here (models/ for CIFAR-10, flowers17/, ...).
+# Each run keeps its checkpoints in a folder of its own here (cifar10/, flowers17/, an image folder's name, ...).
 RUNS_DIR = Path("data/lightning")
 REQUIRED = (*ARCHITECTURE, "mean", "std")
 DATAMODULES = {cls.__name__: cls for cls in (CIFAR10DataModule, Flowers17DataModule, ImageFolderDataModule)}
@@ -108,7 +108,7 @@ def export_safetensors(classifier: Classifier, out: Path) -> None:
 
 
 def newest_last_checkpoint(runs_dir: Path = RUNS_DIR) -> Path | None:
-    """The most recently written `last.ckpt` among the recipes' folders (models/, flowers17/, ...)."""
+    """The most recently written `last.ckpt` among the recipes' folders (cifar10/, flowers17/, ...)."""
     candidates = [p for p in runs_dir.glob("*/last.ckpt") if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 

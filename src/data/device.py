@@ -4,7 +4,7 @@
 the images move once to the training device (a GPU, or the CPU's own process) and every batch is
 cropped, flipped, put through the augmentation policy and normalised there. It
 replaces per-image PIL work in loader processes, which on 2 CPU cores competes with training for
-the same cores and on a GPU cannot keep up (bench/RESULTS.md, "data pipeline").
+the same cores and on a GPU cannot keep up (bench/RESULTS.md, "end to end").
 """
 
 from __future__ import annotations
