@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from src import rng
 from src.errors import ConfigError
-from src.models.classifier import WarmupCosine, evaluation_logits
+from src.models.classifier import WarmupCosine, evaluation_logits, mirror_tta
 from src.visualize import attention_rollout, confusion_figure, prediction_figure, to_pixels
 
 # Beyond this a confusion matrix is unreadable and slow to draw.
@@ -310,7 +310,7 @@ class TensorBoardPictures(Callback):
         was_training = pl_module.training
         pl_module.eval()  # on_train_end comes after Lightning has put the model back in training mode
         with torch.no_grad():
-            logits = evaluation_logits(pl_module.model, patches, hp.flip_tta, hp.patch_size)
+            logits = evaluation_logits(pl_module.model, patches, mirror_tta(hp), hp.patch_size)
             rollout = attention_rollout(pl_module.model.attention_maps(patches), pl_module.model.global_pool)
         pl_module.train(was_training)
         probabilities = logits.float().softmax(dim=-1)  # as validation scored them

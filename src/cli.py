@@ -23,7 +23,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from src.callbacks import ExactResume, KeepLoggerVersion, StepCheckpoint, StopOnSignal, TensorBoardPictures, TimeBudget
 from src.checkpoints import SafeCheckpointIO
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
-from src.data.base import ImageDataModule
+from src.data.base import ImageDataModule, resolved_choices
 from src.errors import ConfigError, UserError
 from src.hardware import default_precision, default_recipe
 from src.models.classifier import ViTClassifier
@@ -39,7 +39,7 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip"))
 
 # Values the model must agree with the data on; the DataModule is the single source of each.
-LINKED_FROM_DATA = ("num_classes", "class_names", "image_size", "patch_size", "mean", "std", "evaluation")
+LINKED_FROM_DATA = ("num_classes", "class_names", "image_size", "patch_size", "mean", "std", "evaluation", "hflip")
 # Recipe options of the model that the DataModule carries out (it mixes batches before cutting patches),
 # as {data option: (model option, how the data's value follows from the model's)}. With a contrastive
 # term the DataModule keeps the views unmixed beside the mixed copy the cross entropy learns from.
@@ -197,6 +197,12 @@ class ViTCLI(LightningCLI):
                 raise
             raise cause from None
         self.best_checkpoint: ModelCheckpoint = self._get(self.config_init, "checkpoint")
+        # What the DataModule resolved from its data (mirroring, normalisation) goes into the run's saved
+        # config.yaml in place of "auto", so the record says what the run did.
+        settings = self.config.data.init_args
+        for key, value in resolved_choices(dict(self.datamodule.hparams)).items():
+            if key in settings:
+                settings[key] = list(value) if isinstance(value, (tuple, list)) else value
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured Trainer, writing checkpoints with SafeCheckpointIO unless plugins are given."""

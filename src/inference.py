@@ -20,9 +20,10 @@ from torch import Tensor
 
 from src.checkpoints import not_ours, read_checkpoint
 from src.data import CIFAR10DataModule, Flowers17DataModule, ImageDataModule, ImageFolderDataModule
+from src.data.base import resolved_choices
 from src.data.transforms import eval_transform
 from src.errors import ConfigError, UserError
-from src.models.classifier import evaluation_logits
+from src.models.classifier import evaluation_logits, mirror_tta
 from src.models.vit import ARCHITECTURE, ViT
 from src.runs import fit_problems
 
@@ -56,7 +57,7 @@ class Classifier:
         """Class probabilities (B, num_classes) for a batch of patchified images (B, N, P*P*C), scored
         as the run's validation and test scored them (with its flip_tta, if set)."""
         hp = self.hparams
-        logits = evaluation_logits(self.model, patches, hp.get("flip_tta", False), hp["patch_size"])
+        logits = evaluation_logits(self.model, patches, mirror_tta(hp), hp["patch_size"])
         return logits.float().softmax(dim=-1)
 
     def datamodule(self) -> ImageDataModule:
@@ -68,6 +69,7 @@ class Classifier:
             raise UserError(f"{self.path} was trained on {name or 'an unknown dataset'}, which classify.py "
                             f"cannot rebuild ({', '.join(DATAMODULES)} only); classify an image file instead")
         kwargs = {k: v for k, v in self.data_hparams.items() if not k.startswith("_")}
+        kwargs.update(resolved_choices(self.data_hparams))  # nothing to measure again
         kwargs["num_workers"] = 0
         if "augment_on" in kwargs:
             kwargs["augment_on"] = "loader"  # nothing to augment here; skips decoding the training split

@@ -21,6 +21,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
 from src.checkpoints import load_for_resume, remove_partial_files
+from src.data.base import AUTOMATIC, resolved_choices
 from src.errors import ConfigError, UserError
 from src.models.vit import ARCHITECTURE, saved_settings, upgrade_state_dict
 
@@ -68,11 +69,24 @@ def start_or_resume(config: Any) -> Resume | None:
         for partial in remove_partial_files(models_dir):
             rank_zero_info(f"Removed {partial}, left by a checkpoint write that was interrupted")
     path, checkpoint = load_for_resume(last)
+    repeat_data_choices(config, checkpoint)
     version = checkpoint.get("logger_version")
     logger = config.trainer.logger
     if version is not None and str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
         logger.init_args.version = version
     return Resume(path, checkpoint)
+
+
+def repeat_data_choices(config: Any, checkpoint: dict) -> None:
+    """A resumed run takes the data choices its checkpoint made (mirroring, normalisation) for the
+    settings still left automatic, instead of measuring the data again."""
+    settings, repeated = config.data.init_args, []
+    for key, value in resolved_choices(checkpoint.get("datamodule_hyper_parameters") or {}).items():
+        if key in settings and settings[key] == AUTOMATIC[key]:
+            settings[key] = list(value) if isinstance(value, (tuple, list)) else value
+            repeated.append(f"--data.{key} {str(value).lower() if isinstance(value, bool) else value}")
+    if repeated:
+        rank_zero_info(f"The resumed run's data choices are kept: {', '.join(repeated)}")
 
 
 def fit_problems(saved: dict, wanted: dict, keys: Iterable[str], found: dict[str, Tensor],

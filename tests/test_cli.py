@@ -16,6 +16,7 @@ from conftest import REPO, write_image_folder
 from helpers import RUN_DIR, TINY_RUN, train, train_here
 from src.cli import ViTCLI
 from src.hardware import default_precision
+from src.images import IMAGENET_MEAN, IMAGENET_STD
 from src.data import ImageFolderDataModule
 from src.data.transforms import eval_transform
 from src.models.classifier import ViTClassifier
@@ -140,8 +141,9 @@ def as_written_before_timms_names(checkpoint: dict) -> dict:
         return key
     state = {old(k): v for k, v in checkpoint["state_dict"].items()}
     assert "model.embed.proj.convs.0.0.weight" in state and "model.embed.cls_token" in state  # the conv stem's layout
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k != "in_channels"}
-    data = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if "mix" not in k}
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k not in ("in_channels", "hflip")}
+    data = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if "mix" not in k and k != "hflip"}
+    data.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)  # an image folder's default then
     # Nor the random state or the data position that exact resume adds.
     callbacks = {k: v for k, v in checkpoint["callbacks"].items() if k != "ExactResume"}
     loops = {**checkpoint["loops"], "fit_loop": {**checkpoint["loops"]["fit_loop"], "state_dict": {}}}
@@ -167,6 +169,10 @@ def test_checkpoints_from_before_timms_names_resume_and_classify(tmp_path: Path,
     assert resumed.returncode == 0, resumed.output
     assert "Resuming from" in resumed.output and last_step(tmp_path) == 8  # 4 steps an epoch, continued
     assert "Note: this checkpoint predates exact resume" in resumed.output
+    # Its data goes on as it began: mirrored, ImageNet's statistics; nothing is measured again.
+    assert "Data:" not in resumed.output and "--data.hflip true" in resumed.output
+    resumed_data = torch.load(last, weights_only=True)["datamodule_hyper_parameters"]
+    assert resumed_data["hflip"] is True and tuple(resumed_data["mean"]) == IMAGENET_MEAN
     assert "model.patch_embed.proj.weight" in torch.load(last, weights_only=True)["state_dict"]  # saved in today's names
 
 

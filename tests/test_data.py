@@ -13,10 +13,12 @@ import pytest
 import torch
 from pytorch_lightning import Trainer
 from PIL import Image
+from torchvision.transforms import v2
 
 from conftest import REPO, write_image_folder
 from src.data import CIFAR10DataModule, ImageFolderDataModule, PatchifyTransform
 from src.data.base import ImageDataModule, stratified_split
+from src.data.device import BatchAugment
 from src.data.transforms import eval_transform, train_transform
 from src.errors import ConfigError, DataError
 
@@ -203,23 +205,25 @@ def test_image_folder_needs_two_classes(tmp_path: Path, layout, message):
 def test_image_folder_errors_name_the_problem(tmp_path: Path):
     with pytest.raises(DataError, match="does not exist"):
         ImageFolderDataModule(root=str(tmp_path / "missing"))
+    # Found when the folder is measured (at construction), or at the latest by setup's header scan.
     root = write_image_folder(tmp_path / "empty_class", classes=2, per_class=2)
     (root / "class_2").mkdir()
-    dm = ImageFolderDataModule(root=str(root), num_workers=0)
     with pytest.raises(DataError, match="class_2"):
-        dm.setup()
+        ImageFolderDataModule(root=str(root), num_workers=0).setup()
     root = write_image_folder(tmp_path / "bad", classes=2, per_class=5)
     (root / "class_1" / "001.png").write_bytes(b"\x89PNG not really")
-    dm = ImageFolderDataModule(root=str(root), num_workers=0, val_fraction=0.5, test_fraction=0.2)
-    with pytest.raises(DataError, match="001.png: not an image"):  # found by the header scan in setup
-        dm.setup()
+    with pytest.raises(DataError, match="cannot read image .*001.png"):
+        ImageFolderDataModule(root=str(root), num_workers=0, val_fraction=0.5, test_fraction=0.2).setup()
+    with pytest.raises(DataError, match="001.png: not an image"):  # given everything, the header scan finds it
+        ImageFolderDataModule(root=str(root), num_workers=0, val_fraction=0.5, test_fraction=0.2, hflip=True,
+                              mean=(0.5,) * 3, std=(0.2,) * 3).setup()
     # A file that starts like a PNG and then stops is found when it is decoded, and named.
     (root / "class_1" / "001.png").unlink()
     good = (root / "class_1" / "002.png").read_bytes()
     (root / "class_1" / "002.png").write_bytes(good[: len(good) // 2])
-    dm = ImageFolderDataModule(root=str(root), num_workers=0, val_fraction=0.5, test_fraction=0.2)
-    dm.setup()
     with pytest.raises(DataError, match="002.png"):
+        dm = ImageFolderDataModule(root=str(root), num_workers=0, val_fraction=0.5, test_fraction=0.2)
+        dm.setup()
         for subset in (dm.train_set, dm.val_set, dm.test_set):
             for i in range(len(subset)):
                 subset[i]
@@ -276,3 +280,87 @@ def test_a_script_that_keeps_a_loader_with_workers_still_exits(image_folder: Pat
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "iterated 4 False" in done.stdout, done.stdout + done.stderr[-2000:]
     assert flag.read_text() == "terminated cleanly"  # not SIGKILLed by our exit handler
+
+
+# --- what an image folder is measured for (src/data/facts.py) -------------------------------------
+
+def write_shapes(root: Path, shapes: dict[str, list[tuple[slice, slice]]], per_class: int = 60,
+                 size: int = 16, grayscale: bool = False) -> Path:
+    """`root/<class>/*.png`: each class a bright shape (boxes of rows, columns) on noise, jittered by 1 px."""
+    rng = np.random.default_rng(0)
+    for name, boxes in shapes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (size, size)).astype(np.uint8)
+            for rows, cols in boxes:
+                pixels[rows, cols] = 230
+            pixels = np.roll(pixels, tuple(rng.integers(-1, 2, 2)), axis=(0, 1))
+            image = Image.fromarray(pixels, "L")
+            (image if grayscale else image.convert("RGB")).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_classes_that_are_mirror_images_of_each_other_turn_flipping_off(tmp_path: Path, capsys, caplog):
+    # An "L" and its mirror image "⅃": mirroring one makes the other class.
+    root = write_shapes(tmp_path / "pairs", {"ell": [(slice(3, 13), slice(3, 5)), (slice(11, 13), slice(3, 10))],
+                                             "mirrored": [(slice(3, 13), slice(11, 13)), (slice(11, 13), slice(6, 13))]})
+    with caplog.at_level("INFO"):
+        data = ImageFolderDataModule(root=str(root), image_size=16, patch_size=4, num_workers=0)
+    assert data.hflip is False and data.hparams["hflip"] is False
+    assert "Mirror images change their class" in caplog.text and "--data.hflip" in caplog.text
+    assert not any(isinstance(t, v2.RandomHorizontalFlip) for t in data.train_transform.transforms)
+    assert data.device_augment().flip is False
+
+
+def test_mirror_symmetric_classes_keep_flipping(tmp_path: Path, caplog):
+    # A bar across and a bar down the middle: each is its own mirror image.
+    root = write_shapes(tmp_path / "bars", {"across": [(slice(7, 9), slice(2, 14))],
+                                            "down": [(slice(2, 14), slice(7, 9))]})
+    with caplog.at_level("INFO"):
+        data = ImageFolderDataModule(root=str(root), image_size=16, patch_size=4, num_workers=0)
+    assert data.hflip is True and "Mirror images keep their class" in caplog.text
+    assert any(isinstance(t, v2.RandomHorizontalFlip) for t in data.train_transform.transforms)
+    assert data.device_augment().flip is True
+
+
+def test_explicit_hflip_and_statistics_win_over_what_is_measured(tmp_path: Path, caplog):
+    root = write_shapes(tmp_path / "pairs", {"left": [(slice(2, 14), slice(2, 5))], "right": [(slice(2, 14), slice(11, 14))]})
+    with caplog.at_level("INFO"):
+        data = ImageFolderDataModule(root=str(root), image_size=16, patch_size=4, num_workers=0, hflip=True,
+                                     mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert data.hflip is True and data.mean == (0.5, 0.5, 0.5) and data.std == (0.25, 0.25, 0.25)
+    assert "Data:" not in caplog.text and "Mirror" not in caplog.text  # nothing left to measure
+    with pytest.raises(ConfigError, match="hflip must be auto, true or false"):
+        ImageFolderDataModule(root=str(root), image_size=16, patch_size=4, hflip="sometimes")
+
+
+def test_grayscale_statistics_are_the_training_images_own(tmp_path: Path, caplog):
+    root = write_shapes(tmp_path / "gray", {"across": [(slice(7, 9), slice(2, 14))], "down": [(slice(2, 14), slice(7, 9))]},
+                        grayscale=True)
+    with caplog.at_level("INFO"):
+        data = ImageFolderDataModule(root=str(root), image_size=16, patch_size=4, num_workers=0)
+    assert "grayscale" in caplog.text and "16x16 px" in caplog.text and "60 per class" in caplog.text
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 255)
+                          for p in sorted(root.rglob("*.png"))])
+    assert data.mean == pytest.approx((float(pixels.mean()),) * 3, abs=2e-3)  # one value, three channels
+    assert data.std == pytest.approx((float(pixels.std()),) * 3, abs=2e-3)
+    assert data.hparams["mean"] == data.mean  # kept with the checkpoints' data settings
+
+
+def test_hflip_false_removes_every_mirror(image_folder: Path, monkeypatch):
+    data = ImageFolderDataModule(root=str(image_folder), num_workers=0, hflip=False)
+    assert not any(isinstance(t, v2.RandomHorizontalFlip) for t in data.train_transform.transforms)
+    # The device path: a batch whose images are all mirror-asymmetric comes back unmirrored, every time.
+    images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    images[:, :, :, :8] = 255  # bright on the left
+    augment = BatchAugment(data.mean, data.std, "none", padding=4, flip=False)
+    for _ in range(3):
+        out = augment(images)
+        assert (out[:, :, :, :4].mean(dim=(1, 2, 3)) > out[:, :, :, -4:].mean(dim=(1, 2, 3))).all()
+    # ... which a flipping BatchAugment does not keep.
+    flipped = BatchAugment(data.mean, data.std, "none", padding=4)(images)
+    assert (flipped[:, :, :, :4].mean(dim=(1, 2, 3)) < flipped[:, :, :, -4:].mean(dim=(1, 2, 3))).any()
+    # Test-time augmentation follows the data: a flip_tta recipe on data that must not mirror.
+    from src.models.classifier import mirror_tta
+    assert mirror_tta({"flip_tta": True, "hflip": True}) and not mirror_tta({"flip_tta": True, "hflip": False})
+    assert mirror_tta({"flip_tta": True})  # checkpoints from before hflip: every run mirrored

@@ -15,10 +15,10 @@ import signal
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -204,6 +204,21 @@ class EpochShuffle(DistributedSampler):
 # Where training images are augmented: one by one (PIL) in loader processes, or a batch at a time
 # on the training device from a uint8 copy of the split (src/data/device.py).
 AugmentOn = Literal["loader", "device"]
+# Whether training mirrors images and evaluation averages each image with its mirror: measured or
+# declared for the data ("auto"), or set.
+HFlip = Union[bool, Literal["auto"]]
+# The data settings a run resolves from its data when they are left at these values; checkpoints keep
+# what was resolved, so classify.py and a resume repeat it rather than measure again.
+AUTOMATIC: dict[str, Any] = {"hflip": "auto", "mean": None, "std": None}
+
+
+def resolved_choices(saved: dict) -> dict[str, Any]:
+    """The resolved automatic settings in a checkpoint's DataModule settings. Checkpoints from before
+    `hflip` existed mirrored their training images, and read as hflip True."""
+    choices = {"hflip": True, **{k: v for k, v in saved.items() if k in AUTOMATIC}}
+    return {k: v for k, v in choices.items() if v != AUTOMATIC[k]}
+
+
 # How validation scores the model: its head's predictions of the classes, or (for pre-training, whose head
 # predicts something else) a k-NN classifier on its features, fitted on labelled reference images.
 Evaluation = Literal["classify", "knn"]
@@ -222,6 +237,10 @@ class ImageDataModule(pl.LightningDataModule):
     when the model has a contrastive term) mixes only a copy of the first views and keeps the views
     unmixed beside it: the contrastive term compares unmixed views while the cross entropy learns from
     mixed ones (IDMM).
+
+    `hflip` says whether mirror images keep their class: then training mirrors half its images and
+    the model may score each evaluation image with its mirror (`flip_tta`). "auto" takes what the
+    subclass measures or declares of its data (`choose_hflip`); True or False is the user's word.
 
     `evaluation` says how validation scores the model: "classify" (the head's predictions of the
     classes) or "knn" (pre-training, whose head predicts something else: validation then has two
@@ -254,6 +273,7 @@ class ImageDataModule(pl.LightningDataModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         keep_unmixed: bool = False,
+        hflip: HFlip = "auto",
     ) -> None:
         super().__init__()
         # Every subclass's arguments too (Lightning collects them from the __init__ chain); saved in
@@ -269,6 +289,9 @@ class ImageDataModule(pl.LightningDataModule):
             raise ConfigError(f"views must be a positive integer, got {views}")
         if num_workers is not None and num_workers < 0:
             raise ConfigError(f"num_workers must be 0 or more, got {num_workers}")
+        if hflip not in (True, False, "auto"):
+            raise ConfigError(f"hflip must be auto, true or false, got {hflip!r}")
+        self.hflip: bool = True if hflip == "auto" else hflip  # until choose_hflip has measured
         self.patch_size = patch_size
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
@@ -295,6 +318,18 @@ class ImageDataModule(pl.LightningDataModule):
             raise ConfigError(f"mean and std need 3 values each, std positive; got {mean}, {std}")
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
+
+    def choose_hflip(self, mirror_safe: bool, why: str) -> None:
+        """Resolve `hflip: auto` from what the subclass measured or declares of its data (`mirror_safe`,
+        because of `why`), say so in one line, and keep the resolved value with the checkpoints' data
+        settings, so classify.py and a resume repeat it. An explicit True or False is kept as it is."""
+        if self.hparams.get("hflip", "auto") != "auto":
+            return
+        self.hflip = mirror_safe
+        self.hparams["hflip"] = mirror_safe
+        choice = "training mirrors images" if mirror_safe else "no mirror images in training or test-time augmentation"
+        rank_zero_info(f"Mirror images {'keep' if mirror_safe else 'change'} their class ({why}): {choice}; "
+                       "override with --data.hflip true|false")
 
     @classmethod
     def run_name(cls, root: str | None = None) -> str:
@@ -327,7 +362,7 @@ class ImageDataModule(pl.LightningDataModule):
     @property
     def train_transform(self) -> Callable:
         """Augmentation + normalisation for training images; patches are cut per batch (`training_batch`)."""
-        return train_transform(self.image_size, self.mean, self.std, self.augment, self.erase_prob)
+        return train_transform(self.image_size, self.mean, self.std, self.augment, self.erase_prob, self.hflip)
 
     @property
     def eval_transform(self) -> Callable:
@@ -337,7 +372,7 @@ class ImageDataModule(pl.LightningDataModule):
     def device_augment(self) -> BatchAugment:
         """`train_transform` for batches on the device: reflect-padded crops of `image_size` images."""
         return BatchAugment(self.mean, self.std, self.augment, padding=self.image_size // 8,  # as train_transform's
-                            erase_prob=self.erase_prob)
+                            erase_prob=self.erase_prob, flip=self.hflip)
 
     def device_train_set(self, images: Tensor, targets: Sequence[int]) -> DeviceImages:
         """The training split as uint8 images (N, H, W, 3) augmented on the device (augment_on: device)."""

@@ -32,6 +32,7 @@ class CIFAR10DataModule(ImageDataModule):
         self.class_names = ["airplane", "automobile", "bird", "cat", "deer",
                             "dog", "frog", "horse", "ship", "truck"]
         self.set_image(32, CIFAR10_MEAN, CIFAR10_STD)
+        self.choose_hflip(True, "declared for CIFAR-10: photos of things seen from either side")
 
     def _open(self, train: bool, download: bool = False) -> CIFAR10:
         """The torchvision dataset, or one error that says exactly which file to put where."""

@@ -51,8 +51,8 @@ def reflect(index: Tensor, size: int) -> Tensor:
 
 
 class BatchAugment(nn.Module):
-    """Per-image random crop (reflect padding) and flip, a torchvision v2 policy, normalise, random
-    erasing: `train_transform` for a whole batch. With `crop_scale` the crop is instead a random
+    """Per-image random crop (reflect padding) and flip (unless `flip` is False), a torchvision v2
+    policy, normalise, random erasing: `train_transform` for a whole batch. With `crop_scale` the crop is instead a random
     resized crop to `size` (`photo_train_transform`'s), for photos stored larger than they train.
 
     Input (B, C, H, W) uint8 on any device; output (B, C, H, W) float32 on the same device. Crop and
@@ -73,6 +73,7 @@ class BatchAugment(nn.Module):
         erase_prob: float = 0.0,
         crop_scale: tuple[float, float] | None = None,
         size: int | None = None,
+        flip: bool = True,
     ) -> None:
         super().__init__()
         if padding < 0 or group_size < 1:
@@ -80,6 +81,7 @@ class BatchAugment(nn.Module):
         if (crop_scale is None) != (size is None):
             raise ConfigError("a random resized crop needs both crop_scale and size")
         self.crop_scale, self.size = crop_scale, size
+        self.flip = flip  # False: no mirror images (for classes a mirror changes)
         self.padding = padding
         self.group_size = group_size
         ops = policy(augment)
@@ -98,8 +100,9 @@ class BatchAugment(nn.Module):
         rows = torch.randint(span, (B, 1), device=device) + torch.arange(H, device=device) - self.padding
         cols = torch.randint(span, (B, 1), device=device) + torch.arange(W, device=device) - self.padding
         rows, cols = reflect(rows, H), reflect(cols, W)  # (B, H), (B, W)
-        flip = torch.rand(B, 1, device=device) < 0.5
-        cols = torch.where(flip, cols.flip(1), cols)
+        if self.flip:
+            flip = torch.rand(B, 1, device=device) < 0.5
+            cols = torch.where(flip, cols.flip(1), cols)
         batch = torch.arange(B, device=device).view(B, 1, 1)
         out = images[batch, :, rows.view(B, H, 1), cols.view(B, 1, W)]  # (B, H, W, C)
         return out.permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -116,8 +119,9 @@ class BatchAugment(nn.Module):
             top, left, h, w = v2.RandomResizedCrop.get_params(images[b], list(self.crop_scale), [3 / 4, 4 / 3])
             boxes[b] = torch.tensor([b, left, top, left + w, top + h])
         out = roi_align(images.float(), boxes.to(images.device), (self.size, self.size), aligned=True)  # (B, C, S, S)
-        flip = torch.rand(B, 1, 1, 1, device=images.device) < 0.5
-        out = torch.where(flip, out.flip(-1), out)
+        if self.flip:
+            flip = torch.rand(B, 1, 1, 1, device=images.device) < 0.5
+            out = torch.where(flip, out.flip(-1), out)
         return out.round_().clamp_(0, 255).to(torch.uint8)
 
     def forward(self, images: Tensor) -> Tensor:

@@ -226,6 +226,7 @@ class Flowers17DataModule(ImageDataModule):
         if train_on not in ("train", "train+val"):
             raise ConfigError(f"train_on must be 'train' or 'train+val', got {train_on!r}")
         self.set_image(image_size, mean, std)
+        self.choose_hflip(True, "declared for Flowers-17: photos of flowers seen from either side")
         # Twice the training size by default: random crops of the cached square keep their detail.
         self.cache_size = 2 * image_size if cache_size is None else cache_size
         if self.cache_size < image_size:
@@ -258,12 +259,12 @@ class Flowers17DataModule(ImageDataModule):
     @property
     def train_transform(self) -> Callable:
         return photo_train_transform(self.image_size, self.mean, self.std, self.augment, self.crop_scale,
-                                     self.erase_prob)
+                                     self.erase_prob, self.hflip)
 
     def device_augment(self) -> BatchAugment:
         """`photo_train_transform` for batches on the device: random resized crops of the cached photos."""
         return BatchAugment(self.mean, self.std, self.augment, erase_prob=self.erase_prob,
-                            crop_scale=self.crop_scale, size=self.image_size)
+                            crop_scale=self.crop_scale, size=self.image_size, flip=self.hflip)
 
     def prepare_data(self) -> None:
         # One process per node: download, then decode into the on-disk cache that setup() reads.

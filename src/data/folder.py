@@ -12,11 +12,13 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
+from pytorch_lightning.utilities import rank_zero_info
 from tqdm import tqdm
 
 from src.data.base import ImageDataModule, TransformedSubset, stratified_split
-from src.images import IMAGENET_MEAN, IMAGENET_STD
+from src.data.facts import measure_folder
 from src.errors import ConfigError, DataError
+from src.images import patch_grid
 
 
 # torchvision's list plus GIF, which PIL reads as well as any of them.
@@ -28,16 +30,35 @@ def is_image_file(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """Any image PIL reads (grayscale, RGBA, palette, CMYK, 16-bit) as RGB."""
+    if image.mode.startswith("I"):
+        # 16-bit grayscale: keep the top 8 bits rather than let convert() clip it to white.
+        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open any image PIL reads (grayscale, RGBA, palette, CMYK, 16-bit) as RGB; name the file on failure."""
+    """Open any image PIL reads as RGB; name the file on failure."""
     try:
         with Image.open(path) as image:
-            if image.mode.startswith("I"):
-                # 16-bit grayscale: keep the top 8 bits rather than let convert() clip it to white.
-                image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
-            return image.convert("RGB")
+            return as_rgb(image)
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise DataError(f"cannot read image {path}: {error}") from error
+
+
+def sample_image(path: str, size: int) -> tuple[torch.Tensor, tuple[int, int], bool]:
+    """An image as evaluation sees it, uint8 (3, size, size), with its native (width, height) and whether
+    it is grayscale; JPEGs are decoded at reduced size where that is enough (PIL's draft mode)."""
+    try:
+        with Image.open(path) as image:
+            native, gray = image.size, image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+            image.draft("RGB", (2 * size, 2 * size))
+            rgb = as_rgb(image)
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from error
+    resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
+    return resize(rgb), native, gray
 
 
 def has_image_header(path: str) -> bool:
@@ -55,6 +76,10 @@ class ImageFolderDataModule(ImageDataModule):
     `root` holds `train/<class>/...` and optionally `val/<class>/...` and `test/<class>/...`; a split
     that is missing is held out of `train` (seeded, stratified, `val_fraction` / `test_fraction`).
     A `root` with no `train/` folder is read as the class folders themselves.
+
+    What is not given is measured on a sample of the training images (src/data/facts.py) and said in
+    one line: `mean` / `std` (None: the training images' own statistics) and `hflip: auto` (whether a
+    pixel classifier trained on the images still recognises their mirror images).
     """
 
     def __init__(
@@ -63,8 +88,8 @@ class ImageFolderDataModule(ImageDataModule):
         image_size: int = 32,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -78,11 +103,14 @@ class ImageFolderDataModule(ImageDataModule):
         for name, fraction in [("val_fraction", val_fraction), ("test_fraction", test_fraction)]:
             if not 0.0 < fraction < 1.0:
                 raise ConfigError(f"{name} must be between 0 and 1, got {fraction}")
-        self.set_image(image_size, mean, std)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.class_names = self._class_names(self.split_dirs["train"])
         self.num_classes = len(self.class_names)
+        if mean is None or std is None or self.hparams.get("hflip", "auto") == "auto":
+            patch_grid(image_size, self.patch_size)  # an impossible setting stops before any decoding
+            mean, std = self._measure(image_size, mean, std)
+        self.set_image(image_size, mean, std)
         for split in ("val", "test"):
             if split in self.split_dirs and self._class_names(self.split_dirs[split]) != self.class_names:
                 raise DataError(
@@ -97,6 +125,23 @@ class ImageFolderDataModule(ImageDataModule):
         name = path.parent.name if path.name == "train" else path.name
         return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "images"
 
+    def _measure(self, image_size: int, mean: Sequence[float] | None,
+                 std: Sequence[float] | None) -> tuple[Sequence[float], Sequence[float]]:
+        """Measure the training folder (src/data/facts.py): resolve `hflip: auto`, and the normalisation
+        statistics not given, which the checkpoints' data settings then keep. One line says what."""
+        train = self._scan("train", check_headers=False)
+        facts = measure_folder(train.targets, self.num_classes,
+                               lambda i: sample_image(train.samples[i][0], image_size), self.seed)
+        statistics = "the given mean and std"
+        if mean is None or std is None:
+            mean, std = mean or facts.mean, std or facts.std
+            self.hparams.update(mean=tuple(mean), std=tuple(std))
+            statistics = (f"the training images' mean {' '.join(f'{m:.3f}' for m in mean)} and std "
+                          f"{' '.join(f'{s:.3f}' for s in std)} (--data.mean / --data.std override)")
+        rank_zero_info(f"Data: {facts}; normalised with {statistics}")
+        self.choose_hflip(facts.mirror.mirror_safe, str(facts.mirror))
+        return mean, std
+
     @staticmethod
     def _class_names(folder: Path) -> list[str]:
         names = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
@@ -107,11 +152,13 @@ class ImageFolderDataModule(ImageDataModule):
             )
         return names
 
-    def _scan(self, split: str) -> ImageFolder:
+    def _scan(self, split: str, check_headers: bool = True) -> ImageFolder:
         try:
             dataset = ImageFolder(str(self.split_dirs[split]), loader=load_rgb, is_valid_file=is_image_file)
         except FileNotFoundError as error:  # a class folder without a single image file
             raise DataError(f"{self.split_dirs[split]}: {error}") from error
+        if not check_headers:
+            return dataset
         # Reading each header (not the pixels) finds files that are not images before training starts.
         bad = [path for path, _ in dataset.samples if not has_image_header(path)]
         if bad:

@@ -69,8 +69,10 @@ def train_transform(
     std: Sequence[float],
     augment: Augment = "randaugment",
     erase_prob: float = 0.0,
+    flip: bool = True,
 ) -> v2.Compose:
-    """Augmentation for small images: reflect-padded random crop, flip and an optional policy.
+    """Augmentation for small images: reflect-padded random crop, flip (unless `flip` is False: for
+    classes a mirror changes) and an optional policy.
 
     The crop moves the image by up to 1/8 of its size (4 px at 32 px), the CIFAR standard; there is
     deliberately no aggressive random-resized crop, which destroys small images.
@@ -80,7 +82,7 @@ def train_transform(
             v2.Resize(image_size, antialias=True),
             v2.CenterCrop(image_size),
             v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"),
-            v2.RandomHorizontalFlip(),
+            *([v2.RandomHorizontalFlip()] if flip else []),
             *policy(augment),
             *_normalised(mean, std, erase_prob),
         ]
@@ -94,15 +96,17 @@ def photo_train_transform(
     augment: Augment = "randaugment",
     crop_scale: tuple[float, float] = (0.35, 1.0),
     erase_prob: float = 0.0,
+    flip: bool = True,
 ) -> v2.Compose:
-    """Augmentation for photos larger than `image_size`: random resized crop, flip and a policy."""
+    """Augmentation for photos larger than `image_size`: random resized crop, flip (unless `flip` is
+    False) and a policy."""
     low, high = crop_scale
     if not 0.0 < low <= high <= 1.0:
         raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
     return v2.Compose(
         [
             v2.RandomResizedCrop(image_size, scale=(low, high), antialias=True),
-            v2.RandomHorizontalFlip(),
+            *([v2.RandomHorizontalFlip()] if flip else []),
             *policy(augment),
             *_normalised(mean, std, erase_prob),
         ]

@@ -125,6 +125,13 @@ def compile_features(model: ViT) -> None:
     model.forward_features = torch.compile(model.forward_features)
 
 
+def mirror_tta(hparams: dict) -> bool:
+    """Whether evaluation scores each image with its mirror: the recipe asks for it (`flip_tta`) and
+    mirror images keep their class in this data (`hflip`, linked from the DataModule; checkpoints from
+    before it read as True, as every run then mirrored its training images)."""
+    return bool(hparams.get("flip_tta", False) and hparams.get("hflip", True))
+
+
 def evaluation_logits(model: ViT, patches: Tensor, flip_tta: bool, patch_size: int) -> Tensor:
     """Logits (B, K) for evaluation and prediction: the model's, or with `flip_tta` the mean of the
     logits for each image and for its mirror image (horizontal-flip test-time augmentation)."""
@@ -155,7 +162,8 @@ class ViTClassifier(pl.LightningModule):
     slower (`param_groups`). `compile` runs the ViT through `torch.compile` (in place, so
     checkpoints are unchanged); where that cannot work, training goes on uncompiled with a warning.
     `flip_tta` scores validation, test and classify.py on the mean logits of each image and its
-    mirror image: for data whose classes do not change under a left-right flip. With `evaluation`
+    mirror image, when mirror images keep their class in this data (`hflip`, linked from the
+    DataModule, which measures or declares it). With `evaluation`
     "knn" (linked from the DataModule: pre-training) validation logs `val/knn_acc` instead, the
     accuracy of a k-NN classifier (`knn_k` neighbours, votes weighted by exp(cosine / `knn_temperature`))
     on the pooled features, fitted on the DataModule's labelled reference images.
@@ -189,6 +197,7 @@ class ViTClassifier(pl.LightningModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         evaluation: str = "classify",
+        hflip: bool = True,
         **vit: Any,  # the network's settings: ViT's arguments
     ) -> None:
         super().__init__()
@@ -280,7 +289,7 @@ class ViTClassifier(pl.LightningModule):
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         patches, targets = batch
-        logits = evaluation_logits(self.model, patches, self.hparams.flip_tta, self.hparams.patch_size)
+        logits = evaluation_logits(self.model, patches, mirror_tta(self.hparams), self.hparams.patch_size)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics(logits, targets)
         if stage == "val":
