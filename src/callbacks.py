@@ -170,22 +170,28 @@ class ExactResume(Callback):
 
 
 class TimeBudget(Callback):
-    """With --trainer.max_time, fit the learning-rate schedule to the time: warm-up as configured, then
-    the cosine reaches min_lr at the deadline and training stops there.
+    """With --trainer.max_time, fit the learning-rate schedule to the time: warm-up as configured but
+    never longer than `WARMUP_SHARE` of the budget, then the cosine reaches min_lr at the deadline and
+    training stops there.
 
     The deadline is max_time on Lightning's training clock (its Timer, which a resumed run restores)
     less a reserve for the final validation and the test: three times the longest of the recent
-    validations. The schedule's cosine progress is the share of the time between the end of warm-up
-    and the deadline already used; with max_epochs too, it ends at whichever comes first.
+    validations, each timed from its start to its last batch (the pictures and checkpoints written
+    after it are not validation). The warm-up ends after its epochs or at `WARMUP_SHARE` of the time to
+    the deadline, whichever comes first, so a slow or busy machine does not spend a short budget warming
+    up. The cosine's progress is the share of the time between the end of warm-up and the deadline
+    already used; with max_epochs too, it ends at whichever comes first.
     """
 
-    RECENT = 5  # validations that set the reserve; some of them draw the TensorBoard pictures
+    RECENT = 5  # validations that set the reserve
+    WARMUP_SHARE = 0.1  # of the training time to the deadline, at most, for the warm-up
 
     def __init__(self) -> None:
         self.warmup_end: float | None = None  # training-clock seconds when warm-up ended
         self.validations: list[float] = []  # seconds of the recent validations
         self._timer: Timer | None = None
         self._validation_start = 0.0
+        self._validation_batches_end: float | None = None
 
     @property
     def reserve(self) -> float:
@@ -208,14 +214,17 @@ class TimeBudget(Callback):
         schedule = self._schedule(trainer)
         if self._timer is None or schedule is None:
             return
-        elapsed = self._timer.time_elapsed()
-        if self.warmup_end is None and trainer.global_step >= schedule.warmup_steps:
+        elapsed, deadline = self._timer.time_elapsed(), self.deadline()
+        warmup_time = elapsed / max(1e-9, self.WARMUP_SHARE * deadline)  # share of the warm-up's allowance used
+        if self.warmup_end is None and (trainer.global_step >= schedule.warmup_steps or warmup_time >= 1.0):
             self.warmup_end = elapsed
         progress = 0.0
         if self.warmup_end is not None:
-            progress = (elapsed - self.warmup_end) / max(1e-9, self.deadline() - self.warmup_end)
+            progress = (elapsed - self.warmup_end) / max(1e-9, deadline - self.warmup_end)
+            warmup_time = 1.0
         # Every rank must step with the same learning rate, so rank 0's clock decides.
-        schedule.time_progress = trainer.strategy.broadcast(min(1.0, max(0.0, progress)))
+        schedule.time_progress, schedule.warmup_time = trainer.strategy.broadcast(
+            (min(1.0, max(0.0, progress)), min(1.0, max(0.0, warmup_time))))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         if self._timer is None or not trainer.strategy.broadcast(self._timer.time_elapsed() >= self.deadline()):
@@ -228,11 +237,15 @@ class TimeBudget(Callback):
             trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._validation_start = time.monotonic()
+        self._validation_start, self._validation_batches_end = time.monotonic(), None
+
+    def on_validation_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._validation_batches_end = time.monotonic()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
-            self.validations = [*self.validations, time.monotonic() - self._validation_start][-self.RECENT:]
+            end = self._validation_batches_end or time.monotonic()
+            self.validations = [*self.validations, end - self._validation_start][-self.RECENT:]
 
     @staticmethod
     def _schedule(trainer: Trainer) -> WarmupCosine | None:

@@ -40,21 +40,23 @@ class FakeClock:
 class Tick(Callback):
     """One second per training step and per validation batch; records each step's learning rate."""
 
-    def __init__(self, clock: FakeClock, save_at: int | None = None, path: Path | None = None) -> None:
+    def __init__(self, clock: FakeClock, save_at: int | None = None, path: Path | None = None,
+                 seconds: float = 1.0) -> None:
         self.clock, self.save_at, self.path = clock, save_at, path
+        self.seconds = seconds  # per step and per validation batch: 2.0 is a machine at half the speed
         self.lrs: dict[int, float] = {}  # global step -> the learning rate that step used
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        self.clock.now += 1.0
+        self.clock.now += self.seconds
         if trainer.global_step == self.save_at:
             trainer.save_checkpoint(self.path)
 
     def on_validation_batch_end(self, trainer, *args) -> None:
         if not trainer.sanity_checking:
-            self.clock.now += 1.0
+            self.clock.now += self.seconds
 
 
 def loaders() -> tuple[DataLoader, DataLoader]:
@@ -66,7 +68,8 @@ def loaders() -> tuple[DataLoader, DataLoader]:
 
 
 def fit(monkeypatch, tmp_path: Path, max_time: int | None, max_epochs: int = -1, warmup_epochs: float = 1.0,
-        save_at: int | None = None, resume: Path | None = None, **trainer_args) -> tuple[pl.Trainer, Tick]:
+        save_at: int | None = None, resume: Path | None = None, seconds: float = 1.0,
+        **trainer_args) -> tuple[pl.Trainer, Tick]:
     clock = FakeClock()
     fake_time = types.SimpleNamespace(monotonic=clock.monotonic)
     monkeypatch.setattr(pl.callbacks.timer, "time", fake_time)
@@ -74,7 +77,7 @@ def fit(monkeypatch, tmp_path: Path, max_time: int | None, max_epochs: int = -1,
     torch.manual_seed(0)
     model = ViTClassifier(num_classes=3, image_size=16, patch_size=4, dim=16, depth=1, num_heads=2,
                           lr=LR, min_lr=MIN_LR, warmup_epochs=warmup_epochs, drop_path=0.0)
-    tick = Tick(clock, save_at, tmp_path / "mid.ckpt")
+    tick = Tick(clock, save_at, tmp_path / "mid.ckpt", seconds)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=max_epochs, max_time={"seconds": max_time} if max_time else None,
                         callbacks=[tick, TimeBudget(), *trainer_args.pop("callbacks", [])], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -102,6 +105,21 @@ def test_the_schedule_fills_the_budget(monkeypatch, tmp_path: Path):
         began = (step - 1) + 2 * ((step - 1) // STEPS_PER_EPOCH)  # training clock at that step's start
         expected = LR * warmup_cosine(step, warmup, math.inf, MIN_LR / LR, (began - 12) / (194 - 12))
         assert tick.lrs[step] == pytest.approx(expected, rel=1e-6), step
+
+
+def test_a_slow_machine_warms_up_within_its_share_of_the_budget(monkeypatch, tmp_path: Path):
+    # Five epochs of warm-up (50 steps) on a machine at half the speed (2 s a step) would fill half of
+    # a 200 s budget; the warm-up gets at most 10 % of the time to the deadline, and the run anneals.
+    trainer, tick = fit(monkeypatch, tmp_path, max_time=200, warmup_epochs=5.0, seconds=2.0)
+    lrs = [tick.lrs[step] for step in sorted(tick.lrs)]
+    peak = max(range(len(lrs)), key=lrs.__getitem__)
+    assert lrs[peak] == pytest.approx(LR) and peak * 2.0 <= 0.1 * 200 + 2.0  # warm: by 10 % of the budget
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # rising until then, never flat
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # then only the cosine
+    assert lrs[-1] <= 0.05 * LR  # annealed
+    assert trainer.global_step * 2.0 >= 0.7 * 200  # and trained most of the budget
+    # Without the cap it would still be warming up at a fifth of the budget (step 20 of 50).
+    assert warmup_cosine(20, 50, math.inf, MIN_LR / LR) < 0.5
 
 
 def test_steps_and_time_together_end_at_whichever_comes_first(monkeypatch, tmp_path: Path):

@@ -28,21 +28,24 @@ from src.runs import fit_problems
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: float,
-                  time_progress: float = 0.0) -> float:
+                  time_progress: float = 0.0, warmup_time: float = 0.0) -> float:
     """LR multiplier: linear from ~0 to 1 over `warmup_steps`, then cosine down to `min_ratio`.
 
-    The cosine ends at `total_steps` or when `time_progress` (the share of a time budget's
-    post-warm-up time already used) reaches 1, whichever comes first; `total_steps` may be inf.
+    Under a time budget the warm-up also ends when `warmup_time` (the share of the warm-up's time
+    allowance already used) reaches 1, rising with whichever is further; the cosine ends at
+    `total_steps` or when `time_progress` (the share of the post-warm-up time already used) reaches 1,
+    whichever comes first; `total_steps` may be inf.
     """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
+    if step < warmup_steps and warmup_time < 1.0:
+        return max((step + 1) / warmup_steps, warmup_time)
     progress = max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_progress)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
-    """`warmup_cosine` as a per-step scheduler. `time_progress` is kept current by the TimeBudget
-    callback when the run has a --trainer.max_time; without one it stays 0 and the steps decide.
+    """`warmup_cosine` as a per-step scheduler. `time_progress` and `warmup_time` are kept current by
+    the TimeBudget callback when the run has a --trainer.max_time; without one they stay 0 and the
+    steps decide.
 
     Its length is set by `plan` when training starts (ViTClassifier.on_train_start); until then the
     learning rates are the optimiser's own.
@@ -55,6 +58,7 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
                  total_steps: float = math.inf) -> None:
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
         self.time_progress = 0.0
+        self.warmup_time = 0.0
         super().__init__(optimizer)
 
     def plan(self, warmup_steps: int, total_steps: float) -> None:
@@ -66,7 +70,7 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self) -> list[float]:
         factor = warmup_cosine(self.last_epoch, self.warmup_steps, self.total_steps, self.min_ratio,
-                               self.time_progress)
+                               self.time_progress, self.warmup_time)
         return [base * factor for base in self.base_lrs]
 
     def state_dict(self) -> dict:
