@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,9 @@ from pytorch_lightning.utilities import rank_zero_info
 from tqdm import tqdm
 
 from src.data.base import ImageDataModule, TransformedSubset, stratified_split
+from src.data.device import BatchAugment
 from src.data.facts import measure_folder
+from src.data.transforms import photo_train_transform
 from src.errors import ConfigError, DataError
 from src.images import patch_grid
 
@@ -70,6 +72,12 @@ def has_image_header(path: str) -> bool:
         return False
 
 
+# How training crops an image: a reflect-padded random crop of the image at the training size ("pad",
+# CIFAR's), or a random resized crop of the larger original ("resize", for photos); "auto" measures.
+Crop = Literal["auto", "pad", "resize"]
+PHOTO = 2  # an image at least this many times the training size (shorter side) is trained as a photo
+
+
 class ImageFolderDataModule(ImageDataModule):
     """Images in class folders, resized to `image_size`, split into train/val/test.
 
@@ -78,8 +86,11 @@ class ImageFolderDataModule(ImageDataModule):
     A `root` with no `train/` folder is read as the class folders themselves.
 
     What is not given is measured on a sample of the training images (src/data/facts.py) and said in
-    one line: `mean` / `std` (None: the training images' own statistics) and `hflip: auto` (whether a
-    pixel classifier trained on the images still recognises their mirror images).
+    one line: `mean` / `std` (None: the training images' own statistics), `hflip: auto` (whether a
+    pixel classifier trained on the images still recognises their mirror images) and `crop: auto`
+    ("resize", a random resized crop of `crop_scale` of the image, when the images are at least twice
+    `image_size`; else "pad", a reflect-padded random crop). With `augment_on: device` a "resize" run
+    keeps its training images at twice `image_size` and crops them on the device.
     """
 
     def __init__(
@@ -90,6 +101,8 @@ class ImageFolderDataModule(ImageDataModule):
         test_fraction: float = 0.1,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        crop: Crop = "auto",
+        crop_scale: tuple[float, float] = (0.35, 1.0),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -103,11 +116,15 @@ class ImageFolderDataModule(ImageDataModule):
         for name, fraction in [("val_fraction", val_fraction), ("test_fraction", test_fraction)]:
             if not 0.0 < fraction < 1.0:
                 raise ConfigError(f"{name} must be between 0 and 1, got {fraction}")
+        if crop not in ("auto", "pad", "resize"):
+            raise ConfigError(f"crop must be auto, pad or resize, got {crop!r}")
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
+        self.crop, self.crop_scale = crop, tuple(crop_scale)
+        photo_train_transform(image_size, (0.5,) * 3, (0.5,) * 3, crop_scale=self.crop_scale)  # checks crop_scale
         self.class_names = self._class_names(self.split_dirs["train"])
         self.num_classes = len(self.class_names)
-        if mean is None or std is None or self.hparams.get("hflip", "auto") == "auto":
+        if mean is None or std is None or "auto" in (crop, self.hparams.get("hflip", "auto")):
             patch_grid(image_size, self.patch_size)  # an impossible setting stops before any decoding
             mean, std = self._measure(image_size, mean, std)
         self.set_image(image_size, mean, std)
@@ -138,9 +155,33 @@ class ImageFolderDataModule(ImageDataModule):
             self.hparams.update(mean=tuple(mean), std=tuple(std))
             statistics = (f"the training images' mean {' '.join(f'{m:.3f}' for m in mean)} and std "
                           f"{' '.join(f'{s:.3f}' for s in std)} (--data.mean / --data.std override)")
-        rank_zero_info(f"Data: {facts}; normalised with {statistics}")
+        crop = ""
+        if self.crop == "auto":
+            self.crop = "resize" if min(facts.size) >= PHOTO * image_size else "pad"
+            self.hparams["crop"] = self.crop
+            crop = (f"; trained as {'photos: random resized crops' if self.crop == 'resize' else 'small images: padded random crops'}"
+                    f" ({'at least' if self.crop == 'resize' else 'under'} {PHOTO}x the {image_size} px training size; "
+                    "--data.crop pad|resize overrides)")
+        rank_zero_info(f"Data: {facts}{crop}; normalised with {statistics}")
         self.choose_hflip(facts.mirror.mirror_safe, str(facts.mirror))
         return mean, std
+
+    @property
+    def train_transform(self) -> Callable:
+        """Per-image training augmentation: `train_transform`'s padded crop, or for photos (crop
+        "resize") `photo_train_transform`'s random resized crop of the original image."""
+        if self.crop != "resize":
+            return super().train_transform
+        return photo_train_transform(self.image_size, self.mean, self.std, self.augment, self.crop_scale,
+                                     self.erase_prob, self.hflip)
+
+    def device_augment(self) -> BatchAugment:
+        """`train_transform` for batches on the device; photos are kept at twice the training size and
+        cut with random resized crops."""
+        if self.crop != "resize":
+            return super().device_augment()
+        return BatchAugment(self.mean, self.std, self.augment, erase_prob=self.erase_prob,
+                            crop_scale=self.crop_scale, size=self.image_size, flip=self.hflip)
 
     @staticmethod
     def _class_names(folder: Path) -> list[str]:
@@ -167,8 +208,9 @@ class ImageFolderDataModule(ImageDataModule):
         return dataset
 
     def _decode(self, dataset: ImageFolder, indices: Sequence[int]) -> torch.Tensor:
-        """The images at `indices`, resized and centre-cropped to `image_size`, as uint8 (N, H, W, 3)."""
-        size = self.image_size
+        """The images at `indices`, resized and centre-cropped to `image_size` (photos: to twice that,
+        for the device's resized crops), as uint8 (N, H, W, 3)."""
+        size = self.image_size * (PHOTO if self.crop == "resize" else 1)
         resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
         images = torch.empty(len(indices), size, size, 3, dtype=torch.uint8)
         for n, i in enumerate(tqdm(indices, desc="Decoding training images", leave=False,
