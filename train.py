@@ -8,6 +8,7 @@ from it (pass --fresh to start over). After fitting, the best checkpoint is test
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 from pathlib import Path
@@ -75,6 +76,14 @@ def run(args: list[str] | None = None) -> int:
         main(args)
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # A log or picture write hit the full disk before any checkpoint did (those say so themselves).
+        print(f"error: could not write {error.filename or 'the logs'} (the disk is full or the file size limit "
+              "reached); the checkpoints already written are kept: free space and run the same command to "
+              "resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside training (start-up, testing); training itself stops in StopOnSignal
         print("Interrupted outside training; the checkpoints already written are kept.", file=sys.stderr)

@@ -282,7 +282,13 @@ class TensorBoardPictures(Callback):
         return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._validated = self._drawn = None
+        self._validated = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"drawn": self._drawn}  # a resumed run goes on with the same pictures, not a new first one
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._drawn = state_dict.get("drawn")
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or pl_module.hparams.get("evaluation") == "knn":

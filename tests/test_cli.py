@@ -307,3 +307,17 @@ def test_an_explicit_config_always_wins(monkeypatch, capsys, caplog, cuda: bool)
     for config, dim in (("configs/cifar10.yaml", 256), ("configs/cifar10-cpu.yaml", 128)):
         printed, log = print_config(monkeypatch, capsys, caplog, "--config", config)
         assert "Recipe:" not in log and f"  dim: {dim}\n" in printed
+
+
+def test_a_full_disk_in_the_logs_is_one_clear_line(tmp_path: Path, image_folder: Path, monkeypatch):
+    import errno
+
+    from src.callbacks import TensorBoardPictures
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TensorBoardPictures, "_draw", full)
+    result = train_here(tmp_path, *TINY_RUN, "--data.root", str(image_folder), "--trainer.max_epochs", "1")
+    assert result.returncode == 2 and "Traceback" not in result.output
+    assert "error: could not write the logs (the disk is full" in result.output.strip().splitlines()[-1]
