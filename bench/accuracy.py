@@ -13,7 +13,8 @@ accuracy against seconds since launch (TensorBoard's event times). `--json FILE`
 
 The default data is the real CIFAR-10 images in ../shared/datasets/cifar10-subset (5 170 PNGs) read
 as an image folder with its own seeded 10 % validation and 10 % test split (517 + 517 images), with
-the image-folder default normalisation, as `--data ImageFolderDataModule --data.root` gives a user.
+the image-folder defaults (its own statistics, mirror flips and crop measured from the images), as
+`--data ImageFolderDataModule --data.root` gives a user.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--config", help="the config of --runs custom")
     parser.add_argument("--budget", type=int, default=1200, help="seconds per run: train.py's --trainer.max_time")
     parser.add_argument("--data", choices=["folder", "cifar10"], default="folder",
-                        help="folder: an image folder (--data-root) with CIFAR-10 statistics; cifar10: the archive")
+                        help="folder: an image folder (--data-root), normalised with its own statistics; cifar10: the archive")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared/datasets/cifar10-subset"),
                         help="the images (default: ../shared/datasets/cifar10-subset beside the repository)")
     parser.add_argument("--json", help="write the results and curves here")

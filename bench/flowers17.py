@@ -111,7 +111,7 @@ def main() -> None:
                 results.append(result)
                 knn = ", ".join(f"{p['epoch']}: {p['knn_acc']:.3f}" for p in result.get("knn_curve", []))
                 print(f"{method} on {train_on}, seed {seed}: test acc {result['test_acc']:.4f} (best val "
-                      f"{result['best_val_acc']:.4f}) after {result['epochs']} epochs in {result['wall_s']:.0f} s"
+                      f"{result['best_val_acc']:.4f}) after {result['epochs']} epoch(s) in {result['wall_s']:.0f} s"
                       + (f"; pre-training's k-NN val acc by epoch: {knn}" if knn else "")
                       + f" [{result['split']}]", flush=True)
                 if args.json:  # after every run: a long series interrupted keeps what it finished

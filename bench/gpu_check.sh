@@ -12,6 +12,7 @@
 #   DATA_ROOT=path/to/image/folder bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+nvidia-smi >/dev/null 2>&1 || { echo "error: no NVIDIA GPU here (nvidia-smi failed); run this on a GPU machine" >&2; exit 2; }
 data_root=${DATA_ROOT:-../shared/datasets/cifar10-subset}
 log=$(mktemp)
 # Model M (bench/throughput.py --model M): dim 384, depth 7, 12 heads, MLP 384, patch 4, one view per image.

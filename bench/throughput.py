@@ -394,6 +394,8 @@ def main() -> None:
                         help="end to end: repeat the training split to this many images (device augmentation)")
     parser.add_argument("overrides", nargs="*", help="extra train.py flags, e.g. --model.dim=128")
     args = parser.parse_args()
+    if args.end_to_end and args.epochs < 2:
+        parser.error("--epochs must be at least 2 end to end (the first is the warm-up)")
 
     device = torch.device(args.device)
     precision = args.precision or default_precision(device.type)[0]

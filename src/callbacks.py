@@ -118,7 +118,7 @@ class StopOnSignal(Callback):
         if self._saved is None:
             return
         number, message = self._saved
-        rank_zero_info(message)
+        rank_zero_info(f"\n{message}")  # after the progress bar's line
         self._restore()
         raise Interrupted(128 + number)
 

@@ -32,9 +32,12 @@ ROOT_DIR = "data/lightning"
 
 # Lightning's own noise that no user of train.py can act on: its use of a torch API that torch has
 # deprecated, a warning that a resumed run's checkpoint folder is not empty (it holds what is resumed),
-# and an advertisement. Warnings a user can act on are left alone.
+# one about the clock of a budget a resumed run no longer has, and an advertisement. Warnings a user
+# can act on are left alone.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# A run resumed without the --trainer.max_time it was saved with has no Timer to restore: nothing is lost.
+warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`.*callbacks: \['Timer'\]\.$")
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip"))
 

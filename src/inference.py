@@ -86,6 +86,9 @@ def load_classifier(path: Path, device: torch.device | str = "cpu") -> Classifie
     missing = [k for k in REQUIRED if k not in hparams]
     if missing:
         raise not_ours(path, f"missing settings: {', '.join(missing)}")
+    if hparams.get("evaluation") == "knn":
+        raise UserError(f"{path} is a pre-training checkpoint: its head tells its {hparams['num_classes']} training "
+                        "images apart, not classes; classify with a fine-tuned one (configs/flowers17-finetune.yaml)")
     try:
         model = ViT(**{k: hparams[k] for k in ARCHITECTURE})
     except ConfigError as error:

@@ -165,7 +165,7 @@ def test_train_py_refuses_a_crafted_last_ckpt(tmp_path: Path, image_folder: Path
 
 @pytest.mark.parametrize("case", ["no_checkpoint", "missing_image", "not_an_image", "truncated_image",
                                   "corrupt_checkpoint", "foreign_checkpoint", "missing_checkpoint",
-                                  "index_out_of_range", "index_with_images", "empty_folder"])
+                                  "index_out_of_range", "index_with_images", "empty_folder", "pretraining"])
 def test_errors_are_one_clear_line(case: str, run_dir: Path, tmp_path: Path, monkeypatch, capsys):
     ckpt = str(run_dir / RUN_DIR / "last.ckpt")
     good = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
@@ -181,6 +181,7 @@ def test_errors_are_one_clear_line(case: str, run_dir: Path, tmp_path: Path, mon
         "index_out_of_range": (["--checkpoint", ckpt, "--index", "4"], "--index 4 is out of range"),
         "index_with_images": (["--checkpoint", ckpt, "--index", "1", "good.png"], "cannot be combined"),
         "empty_folder": (["--checkpoint", ckpt, "empty"], "no image files"),
+        "pretraining": (["--checkpoint", "pretrain.ckpt", "good.png"], "pretrain.ckpt is a pre-training checkpoint"),
     }[case]
     monkeypatch.chdir(tmp_path)  # no data/ here
     (tmp_path / "notes.png").write_text("this is text")
@@ -188,6 +189,9 @@ def test_errors_are_one_clear_line(case: str, run_dir: Path, tmp_path: Path, mon
     (tmp_path / "junk.ckpt").write_bytes(bytes(range(256)) * 2)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.ckpt")
     (tmp_path / "empty").mkdir()
+    state = torch.load(ckpt, weights_only=True)
+    state["hyper_parameters"]["evaluation"] = "knn"  # as flowers17-pretrain.yaml's instance head has it
+    torch.save(state, tmp_path / "pretrain.ckpt")
     code, out, err = classify_main(capsys, *argv)
     assert code == 2
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

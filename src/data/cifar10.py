@@ -43,9 +43,11 @@ class CIFAR10DataModule(ImageDataModule):
             found = ""
             if archive.exists() and not check_integrity(str(archive), CIFAR10.tgz_md5):
                 found = f" The {archive.name} found there is incomplete or corrupt: replace it."
+            # torchvision's own advice ("use download=True") names no flag of ours.
+            why = f"{type(error).__name__}: {error}" if download else "its files are missing or fail their md5 check"
             raise DataError(
                 f"CIFAR-10 is not in {self.root}/ and could not be "
-                f"{'downloaded' if download else 'read'} ({type(error).__name__}: {error}).{found} "
+                f"{'downloaded' if download else 'read'} ({why}).{found} "
                 f"Put {CIFAR10.filename} (md5 {CIFAR10.tgz_md5}, from {CIFAR10.url}) into "
                 f"{self.root}/ and run again."
             ) from error

@@ -77,7 +77,8 @@ def download(root: Path) -> None:
         try:
             download_url(URL + SPLITS, str(root), md5=SPLITS_MD5)
         except Exception as error:
-            rank_zero_warn(f"could not download {SPLITS} ({type(error).__name__}); a seeded split is used instead")
+            rank_zero_info(f"Flowers-17: could not download {SPLITS} ({type(error).__name__}); the seeded split "
+                           "is used instead")
 
 
 def check_files(root: Path) -> list[Path]:
@@ -225,6 +226,7 @@ class Flowers17DataModule(ImageDataModule):
             raise ConfigError(f"targets must be 'class' or 'instance', got {targets!r}")
         if train_on not in ("train", "train+val"):
             raise ConfigError(f"train_on must be 'train' or 'train+val', got {train_on!r}")
+        self._downloaded = False
         self.set_image(image_size, mean, std)
         self.choose_hflip(True, "declared for Flowers-17: photos of flowers seen from either side")
         # Twice the training size by default: random crops of the cached square keep their detail.
@@ -268,9 +270,10 @@ class Flowers17DataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         # One process per node: download, then decode into the on-disk cache that setup() reads.
-        if self.download:
+        if self.download and not self._downloaded:  # fit and test each prepare: fetch once
             with kept_only_if_done(self.root):
                 download(self.root)
+            self._downloaded = True
         Flowers17(self.root, self.cache_size, self.cache_dir, self.show_progress)
 
     def splits(self, dataset: Flowers17) -> dict[str, list[int]]:

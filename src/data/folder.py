@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -138,7 +139,7 @@ class ImageFolderDataModule(ImageDataModule):
     @classmethod
     def run_name(cls, root: str | None = None) -> str:
         """The image folder's own name (its parent's, for a `.../train` root), as a file name."""
-        path = Path(root or ".").resolve()
+        path = Path(os.path.abspath(root or "."))  # as typed: a symlinked folder keeps the name it was given
         name = path.parent.name if path.name == "train" else path.name
         return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "images"
 
