@@ -216,7 +216,7 @@ def test_image_folder_errors_name_the_problem(tmp_path: Path):
         ImageFolderDataModule(root=str(root), num_workers=0, val_fraction=0.5, test_fraction=0.2).setup()
     with pytest.raises(DataError, match="001.png: not an image"):  # given everything, the header scan finds it
         ImageFolderDataModule(root=str(root), num_workers=0, val_fraction=0.5, test_fraction=0.2, hflip=True,
-                              mean=(0.5,) * 3, std=(0.2,) * 3, crop="pad").setup()
+                              mean=(0.5,) * 3, std=(0.2,) * 3).setup()
     # A file that starts like a PNG and then stops is found when it is decoded, and named.
     (root / "class_1" / "001.png").unlink()
     good = (root / "class_1" / "002.png").read_bytes()
@@ -327,9 +327,8 @@ def test_explicit_hflip_and_statistics_win_over_what_is_measured(tmp_path: Path,
     root = write_shapes(tmp_path / "pairs", {"left": [(slice(2, 14), slice(2, 5))], "right": [(slice(2, 14), slice(11, 14))]})
     with caplog.at_level("INFO"):
         data = ImageFolderDataModule(root=str(root), image_size=16, patch_size=4, num_workers=0, hflip=True,
-                                     mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop="resize")
+                                     mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert data.hflip is True and data.mean == (0.5, 0.5, 0.5) and data.std == (0.25, 0.25, 0.25)
-    assert data.crop == "resize"
     assert "Data:" not in caplog.text and "Mirror" not in caplog.text  # nothing left to measure
     with pytest.raises(ConfigError, match="hflip must be auto, true or false"):
         ImageFolderDataModule(root=str(root), image_size=16, patch_size=4, hflip="sometimes")
@@ -367,22 +366,17 @@ def test_hflip_false_removes_every_mirror(image_folder: Path, monkeypatch):
     assert mirror_tta({"flip_tta": True})  # checkpoints from before hflip: every run mirrored
 
 
-def test_photos_get_random_resized_crops_and_small_images_padded_crops(tmp_path: Path, caplog):
+def test_random_resized_crops_on_both_augmentation_paths(tmp_path: Path):
     big = write_image_folder(tmp_path / "photos", classes=2, per_class=8, size=80)  # 5x the 16 px training size
-    small = write_image_folder(tmp_path / "small", classes=2, per_class=8, size=20)
-    with caplog.at_level("INFO"):
-        photos = ImageFolderDataModule(root=str(big), image_size=16, patch_size=4, num_workers=0)
-    assert photos.crop == "resize" and photos.hparams["crop"] == "resize" and "random resized crops" in caplog.text
+    padded = ImageFolderDataModule(root=str(big), image_size=16, patch_size=4, num_workers=0)
+    assert padded.crop == "pad" and not any(isinstance(t, v2.RandomResizedCrop) for t in padded.train_transform.transforms)
+    photos = ImageFolderDataModule(root=str(big), image_size=16, patch_size=4, num_workers=0, crop="resize")
     assert any(isinstance(t, v2.RandomResizedCrop) for t in photos.train_transform.transforms)
     assert photos.device_augment().crop_scale == (0.35, 1.0)
-    padded = ImageFolderDataModule(root=str(small), image_size=16, patch_size=4, num_workers=0)
-    assert padded.crop == "pad" and not any(isinstance(t, v2.RandomResizedCrop) for t in padded.train_transform.transforms)
-    forced = ImageFolderDataModule(root=str(big), image_size=16, patch_size=4, num_workers=0, crop="pad")
-    assert forced.crop == "pad"  # an explicit value wins
     # Both augmentation paths give training batches at the training size.
     for augment_on in ("loader", "device"):
         data = ImageFolderDataModule(root=str(big), image_size=16, patch_size=4, num_workers=0, batch_size=4,
-                                     augment_on=augment_on)
+                                     augment_on=augment_on, crop="resize")
         data.setup("fit")
         if augment_on == "device":
             assert tuple(data.train_set.images.shape[1:3]) == (32, 32)  # kept at twice the size, for crops

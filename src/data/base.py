@@ -209,14 +209,13 @@ AugmentOn = Literal["loader", "device"]
 HFlip = Union[bool, Literal["auto"]]
 # The data settings a run resolves from its data when they are left at these values; checkpoints keep
 # what was resolved, so classify.py and a resume repeat it rather than measure again.
-AUTOMATIC: dict[str, Any] = {"hflip": "auto", "mean": None, "std": None, "crop": "auto"}
+AUTOMATIC: dict[str, Any] = {"hflip": "auto", "mean": None, "std": None}
 
 
 def resolved_choices(saved: dict) -> dict[str, Any]:
     """The resolved automatic settings in a checkpoint's DataModule settings. Checkpoints from before
-    `hflip` and `crop` existed mirrored their training images and cropped them from a padded copy,
-    and read as hflip True, crop "pad"."""
-    choices = {"hflip": True, "crop": "pad", **{k: v for k, v in saved.items() if k in AUTOMATIC}}
+    `hflip` existed mirrored their training images, and read as hflip True."""
+    choices = {"hflip": True, **{k: v for k, v in saved.items() if k in AUTOMATIC}}
     return {k: v for k, v in choices.items() if v != AUTOMATIC[k]}
 
 
