@@ -76,7 +76,7 @@ def has_image_header(path: str) -> bool:
 # How training crops an image: a reflect-padded random crop of the image at the training size ("pad",
 # CIFAR's), or a random resized crop of the larger original ("resize"). Not chosen from the images'
 # size: on Flowers-17 photos (500 px) trained at 32 px for 5 minutes, "pad" reached 83.1 % validation
-# accuracy, "resize" 72.8 % (crop_scale 0.35-1) and 76.5 % (0.8-1) (bench/RESULTS.md).
+# accuracy, "resize" 72.8 % (crop_scale 0.35-1) and 79.4 % (0.8-1) (bench/RESULTS.md).
 Crop = Literal["pad", "resize"]
 PHOTO = 2  # with "resize" and augment_on: device, photos are kept at this many times the training size
 
