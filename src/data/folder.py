@@ -127,16 +127,16 @@ class ImageFolderDataModule(ImageDataModule):
         photo_train_transform(image_size, (0.5,) * 3, (0.5,) * 3, crop_scale=self.crop_scale)  # checks crop_scale
         self.class_names = self._class_names(self.split_dirs["train"])
         self.num_classes = len(self.class_names)
-        if mean is None or std is None or self.hparams.get("hflip", "auto") == "auto":
-            patch_grid(image_size, self.patch_size)  # an impossible setting stops before any decoding
-            mean, std = self._measure(image_size, mean, std)
-        self.set_image(image_size, mean, std)
         for split in ("val", "test"):
             if split in self.split_dirs and self._class_names(self.split_dirs[split]) != self.class_names:
                 raise DataError(
                     f"{self.split_dirs[split]} must have the same class folders as "
                     f"{self.split_dirs['train']}: {', '.join(self.class_names)}"
                 )
+        if mean is None or std is None or self.hparams.get("hflip", "auto") == "auto":
+            patch_grid(image_size, self.patch_size)  # an impossible setting stops before any decoding
+            mean, std = self._measure(image_size, mean, std)
+        self.set_image(image_size, mean, std)
 
     @classmethod
     def run_name(cls, root: str | None = None) -> str:
