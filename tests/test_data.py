@@ -300,10 +300,11 @@ def write_shapes(root: Path, shapes: dict[str, list[tuple[slice, slice]]], per_c
     return root
 
 
-def test_classes_that_are_mirror_images_of_each_other_turn_flipping_off(tmp_path: Path, capsys, caplog):
+def test_classes_that_are_mirror_images_of_each_other_turn_flipping_off(tmp_path: Path, caplog):
     # An "L" and its mirror image "⅃": mirroring one makes the other class.
-    root = write_shapes(tmp_path / "pairs", {"ell": [(slice(3, 13), slice(3, 5)), (slice(11, 13), slice(3, 10))],
-                                             "mirrored": [(slice(3, 13), slice(11, 13)), (slice(11, 13), slice(6, 13))]})
+    ell = [(slice(3, 13), slice(3, 5)), (slice(11, 13), slice(3, 10))]
+    mirrored = [(slice(3, 13), slice(11, 13)), (slice(11, 13), slice(6, 13))]
+    root = write_shapes(tmp_path / "pairs", {"ell": ell, "mirrored": mirrored})
     with caplog.at_level("INFO"):
         data = ImageFolderDataModule(root=str(root), image_size=16, patch_size=4, num_workers=0)
     assert data.hflip is False and data.hparams["hflip"] is False
@@ -324,7 +325,8 @@ def test_mirror_symmetric_classes_keep_flipping(tmp_path: Path, caplog):
 
 
 def test_explicit_hflip_and_statistics_win_over_what_is_measured(tmp_path: Path, caplog):
-    root = write_shapes(tmp_path / "pairs", {"left": [(slice(2, 14), slice(2, 5))], "right": [(slice(2, 14), slice(11, 14))]})
+    root = write_shapes(tmp_path / "pairs", {"left": [(slice(2, 14), slice(2, 5))],
+                                             "right": [(slice(2, 14), slice(11, 14))]})
     with caplog.at_level("INFO"):
         data = ImageFolderDataModule(root=str(root), image_size=16, patch_size=4, num_workers=0, hflip=True,
                                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -335,8 +337,8 @@ def test_explicit_hflip_and_statistics_win_over_what_is_measured(tmp_path: Path,
 
 
 def test_grayscale_statistics_are_the_training_images_own(tmp_path: Path, caplog):
-    root = write_shapes(tmp_path / "gray", {"across": [(slice(7, 9), slice(2, 14))], "down": [(slice(2, 14), slice(7, 9))]},
-                        grayscale=True)
+    root = write_shapes(tmp_path / "gray", {"across": [(slice(7, 9), slice(2, 14))],
+                                            "down": [(slice(2, 14), slice(7, 9))]}, grayscale=True)
     with caplog.at_level("INFO"):
         data = ImageFolderDataModule(root=str(root), image_size=16, patch_size=4, num_workers=0)
     assert "grayscale" in caplog.text and "16x16 px" in caplog.text and "60 per class" in caplog.text
@@ -369,7 +371,8 @@ def test_hflip_false_removes_every_mirror(image_folder: Path, monkeypatch):
 def test_random_resized_crops_on_both_augmentation_paths(tmp_path: Path):
     big = write_image_folder(tmp_path / "photos", classes=2, per_class=8, size=80)  # 5x the 16 px training size
     padded = ImageFolderDataModule(root=str(big), image_size=16, patch_size=4, num_workers=0)
-    assert padded.crop == "pad" and not any(isinstance(t, v2.RandomResizedCrop) for t in padded.train_transform.transforms)
+    assert padded.crop == "pad"
+    assert not any(isinstance(t, v2.RandomResizedCrop) for t in padded.train_transform.transforms)
     photos = ImageFolderDataModule(root=str(big), image_size=16, patch_size=4, num_workers=0, crop="resize")
     assert any(isinstance(t, v2.RandomResizedCrop) for t in photos.train_transform.transforms)
     assert photos.device_augment().crop_scale == (0.35, 1.0)

@@ -104,7 +104,10 @@ def mirror_test(images: Tensor, targets: Tensor, num_classes: int, seed: int = 0
     return MirrorTest(right / n, right_mirrored / n, 1 / num_classes, z_score)
 
 
-def measure_folder(targets: Sequence[int], num_classes: int, load: Callable[[int], tuple[Tensor, tuple[int, int], bool]],
+Loaded = tuple[Tensor, tuple[int, int], bool]  # uint8 (3, S, S) at the training size, native (w, h), grayscale
+
+
+def measure_folder(targets: Sequence[int], num_classes: int, load: Callable[[int], Loaded],
                    seed: int = 0) -> FolderFacts:
     """The facts of a training folder whose image i is `load(i)` -> (uint8 (3, S, S) at the training
     size, its native (width, height), whether it is grayscale), measured on a balanced sample."""
