@@ -205,7 +205,7 @@ class ViTCLI(LightningCLI):
         settings = self.config.data.init_args
         for key, value in resolved_choices(dict(self.datamodule.hparams)).items():
             if key in settings:
-                settings[key] = list(value) if isinstance(value, (tuple, list)) else value
+                settings[key] = value
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured Trainer, writing checkpoints with SafeCheckpointIO unless plugins are given."""

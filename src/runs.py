@@ -21,7 +21,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
 from src.checkpoints import load_for_resume, remove_partial_files
-from src.data.base import AUTOMATIC, resolved_choices
+from src.data.base import AUTOMATIC, outermost_missing, resolved_choices
 from src.errors import ConfigError, UserError
 from src.models.vit import ARCHITECTURE, saved_settings, upgrade_state_dict
 
@@ -83,7 +83,7 @@ def repeat_data_choices(config: Any, checkpoint: dict) -> None:
     settings, repeated = config.data.init_args, []
     for key, value in resolved_choices(checkpoint.get("datamodule_hyper_parameters") or {}).items():
         if key in settings and settings[key] == AUTOMATIC[key]:
-            settings[key] = list(value) if isinstance(value, (tuple, list)) else value
+            settings[key] = value
             repeated.append(f"--data.{key} {str(value).lower() if isinstance(value, bool) else value}")
     if repeated:
         rank_zero_info(f"The resumed run's data choices are kept: {', '.join(repeated)}")
@@ -216,10 +216,7 @@ def no_trace_if_refused(trainer: Trainer, last: Path) -> Iterator[None]:
     can be resumed, so its TensorBoard folder goes too; a resumed run keeps its old folder."""
     logger = trainer.logger
     log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
-    first_new = None  # the outermost folder of log_dir that this run creates
-    path = log_dir.absolute() if log_dir is not None else None
-    while path is not None and not path.exists():
-        first_new, path = path, path.parent
+    first_new = outermost_missing(log_dir) if log_dir is not None else None  # what this run creates
     try:
         yield
     except UserError:

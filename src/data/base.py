@@ -81,13 +81,19 @@ def stop_loader_workers() -> None:
         process.kill()
 
 
+def outermost_missing(folder: Path) -> Path | None:
+    """The outermost folder of `folder`'s path that does not exist yet (what creating it would add)."""
+    missing, path = None, folder.absolute()
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
 @contextlib.contextmanager
 def kept_only_if_done(folder: Path) -> Iterator[None]:
     """The folders a download creates for `folder` are removed again when it fails: a mistyped
     --data.root leaves no empty dataset folder behind."""
-    first_new, path = None, folder.absolute()
-    while not path.exists():
-        first_new, path = path, path.parent
+    first_new = outermost_missing(folder)
     try:
         yield
     except BaseException:
@@ -216,7 +222,8 @@ def resolved_choices(saved: dict) -> dict[str, Any]:
     """The resolved automatic settings in a checkpoint's DataModule settings. Checkpoints from before
     `hflip` existed mirrored their training images, and read as hflip True."""
     choices = {"hflip": True, **{k: v for k, v in saved.items() if k in AUTOMATIC}}
-    return {k: v for k, v in choices.items() if v != AUTOMATIC[k]}
+    # Sequences as lists, as a parsed config holds them.
+    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in choices.items() if v != AUTOMATIC[k]}
 
 
 # How validation scores the model: its head's predictions of the classes, or (for pre-training, whose head
