@@ -26,7 +26,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
 from src.data.device import BatchAugment, DeviceImages
-from src.data.transforms import Augment, batch_mix, erasing, eval_transform, train_transform
+from src.data.transforms import Augment, batch_mix, erasing, eval_transform, photo_train_transform, train_transform
 from src.images import patch_grid, patchify
 from src.errors import ConfigError
 
@@ -266,6 +266,9 @@ class ImageDataModule(pl.LightningDataModule):
     mean: tuple[float, ...]
     std: tuple[float, ...]
     evaluation: Evaluation = "classify"
+    # Photos stored larger than they train are cut with random resized crops of this share of their
+    # area; None: small images, cut with reflect-padded random crops.
+    crop_scale: tuple[float, float] | None = None
 
     def __init__(
         self,
@@ -368,7 +371,11 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def train_transform(self) -> Callable:
-        """Augmentation + normalisation for training images; patches are cut per batch (`training_batch`)."""
+        """Augmentation + normalisation for training images (photos: random resized crops, `crop_scale`);
+        patches are cut per batch (`training_batch`)."""
+        if self.crop_scale is not None:
+            return photo_train_transform(self.image_size, self.mean, self.std, self.augment, self.crop_scale,
+                                         self.erase_prob, self.hflip)
         return train_transform(self.image_size, self.mean, self.std, self.augment, self.erase_prob, self.hflip)
 
     @property
@@ -377,7 +384,11 @@ class ImageDataModule(pl.LightningDataModule):
         return eval_transform(self.image_size, self.patch_size, self.mean, self.std)
 
     def device_augment(self) -> BatchAugment:
-        """`train_transform` for batches on the device: reflect-padded crops of `image_size` images."""
+        """`train_transform` for batches on the device: reflect-padded crops of `image_size` images, or
+        random resized crops of photos stored larger (`crop_scale`)."""
+        if self.crop_scale is not None:
+            return BatchAugment(self.mean, self.std, self.augment, erase_prob=self.erase_prob,
+                                crop_scale=self.crop_scale, size=self.image_size, flip=self.hflip)
         return BatchAugment(self.mean, self.std, self.augment, padding=self.image_size // 8,  # as train_transform's
                             erase_prob=self.erase_prob, flip=self.hflip)
 

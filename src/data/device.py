@@ -52,8 +52,9 @@ def reflect(index: Tensor, size: int) -> Tensor:
 
 class BatchAugment(nn.Module):
     """Per-image random crop (reflect padding) and flip (unless `flip` is False), a torchvision v2
-    policy, normalise, random erasing: `train_transform` for a whole batch. With `crop_scale` the crop is instead a random
-    resized crop to `size` (`photo_train_transform`'s), for photos stored larger than they train.
+    policy, normalise, random erasing: `train_transform` for a whole batch. With `crop_scale` the crop
+    is instead a random resized crop to `size` (`photo_train_transform`'s), for photos stored larger
+    than they train.
 
     Input (B, C, H, W) uint8 on any device; output (B, C, H, W) float32 on the same device. Crop and
     flip are drawn per image and done in one gather. The policy (RandAugment, AutoAugment, ...) is

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,6 @@ from torchvision.datasets.utils import check_integrity, download_and_extract_arc
 from tqdm.auto import tqdm
 
 from src.data.base import ImageDataModule, TransformedSubset, kept_only_if_done, stratified_split
-from src.data.device import BatchAugment
-from src.data.transforms import photo_train_transform
 from src.images import IMAGENET_MEAN, IMAGENET_STD
 from src.errors import ConfigError, DataError
 
@@ -257,16 +255,6 @@ class Flowers17DataModule(ImageDataModule):
     @property
     def validation_held_out(self) -> bool:
         return self.train_on == "train"
-
-    @property
-    def train_transform(self) -> Callable:
-        return photo_train_transform(self.image_size, self.mean, self.std, self.augment, self.crop_scale,
-                                     self.erase_prob, self.hflip)
-
-    def device_augment(self) -> BatchAugment:
-        """`photo_train_transform` for batches on the device: random resized crops of the cached photos."""
-        return BatchAugment(self.mean, self.std, self.augment, erase_prob=self.erase_prob,
-                            crop_scale=self.crop_scale, size=self.image_size, flip=self.hflip)
 
     def prepare_data(self) -> None:
         # One process per node: download, then decode into the on-disk cache that setup() reads.

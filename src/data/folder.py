@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -17,9 +17,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from tqdm import tqdm
 
 from src.data.base import ImageDataModule, TransformedSubset, stratified_split
-from src.data.device import BatchAugment
 from src.data.facts import measure_folder
-from src.data.transforms import photo_train_transform
+from src.data.transforms import checked_crop_scale
 from src.errors import ConfigError, DataError
 from src.images import patch_grid
 
@@ -50,6 +49,11 @@ def load_rgb(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {error}") from error
 
 
+def square(size: int) -> v2.Compose:
+    """PIL image -> uint8 (3, size, size): the shorter side resized to `size`, then the centre cropped."""
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
+
+
 def sample_image(path: str, size: int) -> tuple[torch.Tensor, tuple[int, int], bool]:
     """An image as evaluation sees it, uint8 (3, size, size), with its native (width, height) and whether
     it is grayscale; JPEGs are decoded at reduced size where that is enough (PIL's draft mode)."""
@@ -60,8 +64,7 @@ def sample_image(path: str, size: int) -> tuple[torch.Tensor, tuple[int, int], b
             rgb = as_rgb(image)
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise DataError(f"cannot read image {path}: {error}") from error
-    resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
-    return resize(rgb), native, gray
+    return square(size)(rgb), native, gray
 
 
 def has_image_header(path: str) -> bool:
@@ -123,8 +126,8 @@ class ImageFolderDataModule(ImageDataModule):
             raise ConfigError(f"crop must be pad or resize, got {crop!r}")
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
-        self.crop, self.crop_scale = crop, tuple(crop_scale)
-        photo_train_transform(image_size, (0.5,) * 3, (0.5,) * 3, crop_scale=self.crop_scale)  # checks crop_scale
+        self.crop = crop
+        self.crop_scale = checked_crop_scale(crop_scale) if crop == "resize" else None
         self.class_names = self._class_names(self.split_dirs["train"])
         self.num_classes = len(self.class_names)
         for split in ("val", "test"):
@@ -162,23 +165,6 @@ class ImageFolderDataModule(ImageDataModule):
         self.choose_hflip(facts.mirror.mirror_safe, str(facts.mirror))
         return mean, std
 
-    @property
-    def train_transform(self) -> Callable:
-        """Per-image training augmentation: `train_transform`'s padded crop, or for photos (crop
-        "resize") `photo_train_transform`'s random resized crop of the original image."""
-        if self.crop != "resize":
-            return super().train_transform
-        return photo_train_transform(self.image_size, self.mean, self.std, self.augment, self.crop_scale,
-                                     self.erase_prob, self.hflip)
-
-    def device_augment(self) -> BatchAugment:
-        """`train_transform` for batches on the device; photos are kept at twice the training size and
-        cut with random resized crops."""
-        if self.crop != "resize":
-            return super().device_augment()
-        return BatchAugment(self.mean, self.std, self.augment, erase_prob=self.erase_prob,
-                            crop_scale=self.crop_scale, size=self.image_size, flip=self.hflip)
-
     @staticmethod
     def _class_names(folder: Path) -> list[str]:
         names = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
@@ -207,7 +193,7 @@ class ImageFolderDataModule(ImageDataModule):
         """The images at `indices`, resized and centre-cropped to `image_size` (photos: to twice that,
         for the device's resized crops), as uint8 (N, H, W, 3)."""
         size = self.image_size * (PHOTO if self.crop == "resize" else 1)
-        resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
+        resize = square(size)
         images = torch.empty(len(indices), size, size, 3, dtype=torch.uint8)
         for n, i in enumerate(tqdm(indices, desc="Decoding training images", leave=False,
                                    disable=not self.show_progress)):

@@ -89,6 +89,14 @@ def train_transform(
     )
 
 
+def checked_crop_scale(crop_scale: Sequence[float]) -> tuple[float, float]:
+    """A random resized crop's (low, high) share of the image's area, or a ConfigError."""
+    low, high = crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+    return float(low), float(high)
+
+
 def photo_train_transform(
     image_size: int,
     mean: Sequence[float],
@@ -100,9 +108,7 @@ def photo_train_transform(
 ) -> v2.Compose:
     """Augmentation for photos larger than `image_size`: random resized crop, flip (unless `flip` is
     False) and a policy."""
-    low, high = crop_scale
-    if not 0.0 < low <= high <= 1.0:
-        raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+    low, high = checked_crop_scale(crop_scale)
     return v2.Compose(
         [
             v2.RandomResizedCrop(image_size, scale=(low, high), antialias=True),
