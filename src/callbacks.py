@@ -208,7 +208,8 @@ class TimeBudget(Callback):
         if self._timer is not None:
             rank_zero_info(f"Time budget: the learning rate reaches min_lr at the deadline, "
                            f"{self._timer.time_remaining() / 60:.1f} min of training from now less the time the "
-                           "final validation and test will take")
+                           f"final validation and test will take; the warm-up takes at most "
+                           f"{self.WARMUP_SHARE:.0%} of it, so a slow machine does not spend the budget warming up")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         schedule = self._schedule(trainer)
