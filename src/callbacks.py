@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -179,7 +180,7 @@ class TimeBudget(Callback):
     validations, each timed from its start to its last batch (the pictures and checkpoints written
     after it are not validation). The warm-up ends after its epochs or at `WARMUP_SHARE` of the time to
     the deadline, whichever comes first, so a slow or busy machine does not spend a short budget warming
-    up. The cosine's progress is the share of the time between the end of warm-up and the deadline
+    up; a typed --model.warmup_epochs is the user's word and lifts that cap. The cosine's progress is the share of the time between the end of warm-up and the deadline
     already used; with max_epochs too, it ends at whichever comes first.
     """
 
@@ -187,6 +188,7 @@ class TimeBudget(Callback):
     WARMUP_SHARE = 0.1  # of the training time to the deadline, at most, for the warm-up
 
     def __init__(self) -> None:
+        self.warmup_share: float | None = self.WARMUP_SHARE  # None: the configured warm-up (a typed flag)
         self.warmup_end: float | None = None  # training-clock seconds when warm-up ended
         self.validations: list[float] = []  # seconds of the recent validations
         self._timer: Timer | None = None
@@ -206,17 +208,20 @@ class TimeBudget(Callback):
         self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None),
                            None)
         if self._timer is not None:
+            warmup = ("the warm-up takes the --model.warmup_epochs given" if self.warmup_share is None else
+                      f"the warm-up takes at most {self.warmup_share:.0%} of it, so a slow machine does not spend "
+                      "the budget warming up")
             rank_zero_info(f"Time budget: the learning rate reaches min_lr at the deadline, "
                            f"{self._timer.time_remaining() / 60:.1f} min of training from now less the time the "
-                           f"final validation and test will take; the warm-up takes at most "
-                           f"{self.WARMUP_SHARE:.0%} of it, so a slow machine does not spend the budget warming up")
+                           f"final validation and test will take; {warmup}")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         schedule = self._schedule(trainer)
         if self._timer is None or schedule is None:
             return
         elapsed, deadline = self._timer.time_elapsed(), self.deadline()
-        warmup_time = elapsed / max(1e-9, self.WARMUP_SHARE * deadline)  # share of the warm-up's allowance used
+        share = self.warmup_share if self.warmup_share is not None else math.inf
+        warmup_time = elapsed / max(1e-9, share * deadline)  # share of the warm-up's allowance used
         if self.warmup_end is None and (trainer.global_step >= schedule.warmup_steps or warmup_time >= 1.0):
             self.warmup_end = elapsed
         progress = 0.0

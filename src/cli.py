@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from jsonargparse import ActionYesNo, ArgumentError
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
@@ -25,8 +27,10 @@ from src.checkpoints import SafeCheckpointIO
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule, resolved_choices
 from src.errors import ConfigError, UserError
-from src.hardware import default_precision, default_recipe
+from src.hardware import default_precision, default_recipe, fused_attention, run_device
 from src.models.classifier import ViTClassifier
+from src.models.vit import SETTINGS_DEFAULTS
+from src import shapes
 
 ROOT_DIR = "data/lightning"
 
@@ -150,6 +154,14 @@ class ViTCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(TensorBoardPictures, "pictures")
         parser.add_argument(
+            "--shape",
+            type=str,
+            default="recipe",
+            help="The network's image size, width and depth: 'recipe' (the config's values), 'auto' (with "
+            "--trainer.max_time, chosen for the budget, the data and this machine's step time from a measured "
+            f"family; the CPU recipes' setting) or a member of that family: {', '.join(shapes.BY_NAME)}.",
+        )
+        parser.add_argument(
             "--ema",
             type=float,
             default=0.0,
@@ -189,6 +201,7 @@ class ViTCLI(LightningCLI):
 
     def build(self) -> None:
         """The DataModule, the model and the Trainer from the parsed config (`self.datamodule`, ...)."""
+        self.choose_shape()
         try:
             super().instantiate_classes()
         except Exception as error:
@@ -200,12 +213,81 @@ class ViTCLI(LightningCLI):
                 raise
             raise cause from None
         self.best_checkpoint: ModelCheckpoint = self._get(self.config_init, "checkpoint")
+        if "--model.warmup_epochs" in self.given:  # the user's warm-up, not capped by the budget
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, TimeBudget):
+                    callback.warmup_share = None
         # What the DataModule resolved from its data (mirroring, normalisation) goes into the run's saved
         # config.yaml in place of "auto", so the record says what the run did.
         settings = self.config.data.init_args
         for key, value in resolved_choices(dict(self.datamodule.hparams)).items():
             if key in settings:
                 settings[key] = value
+
+    def choose_shape(self) -> None:
+        """Resolve `--shape` into the config's image size, width and depth (src/shapes.py), and say so.
+        A resumed run arrives here with its checkpoint's shape (src.runs.repeat_choices)."""
+        config = self.config
+        if config.shape not in ("auto", "recipe", *shapes.BY_NAME):
+            raise ConfigError(f"--shape must be auto, recipe or one of {', '.join(shapes.BY_NAME)}, got {config.shape!r}")
+        typed = [flag for flag in shapes.SHAPE_FLAGS
+                 if flag in self.given or flag.replace("--data.", "--data.init_args.") in self.given]
+        if config.shape == "recipe":
+            return
+        if config.shape in shapes.BY_NAME:
+            shape = shapes.BY_NAME[config.shape]
+        else:
+            shape, why = self.shape_for_budget(typed)
+            rank_zero_info(why)
+            if shape is None:
+                config.shape = "recipe"
+                return
+        data = config.data.init_args
+        if "image_size" not in data and shape.image_size != 32:
+            raise ConfigError(f"--shape {shape.name}: {config.data.class_path.rsplit('.', 1)[-1]} trains at 32 px "
+                              "only; pick a 32 px shape (s32, m32)")
+        for section, values in shape.settings().items():
+            settings = data if section == "data" else config.model
+            for key, value in values.items():
+                if f"--{section}.{key}" not in typed and key in settings:
+                    settings[key] = value
+        config.shape = shape.name
+
+    def shape_for_budget(self, typed: list[str]) -> tuple[shapes.Shape | None, str]:
+        """`shape: auto`: the family member for the time budget, or None (the config's values), and why."""
+        config = self.config
+        budget = shapes.budget_seconds(config.trainer.max_time)
+        recipe = f"dim {config.model.dim}, depth {config.model.depth}"
+        if typed:
+            return None, f"Shape: as given ({', '.join(typed)})"
+        if budget is None:
+            return None, (f"Shape: the recipe's ({recipe}); with --trainer.max_time it is chosen for the budget "
+                          "(--shape auto)")
+        if config.model.init_from:
+            return None, "Shape: the recipe's, which --model.init_from's checkpoint must match"
+        if not one_process(config.trainer):
+            return None, ("Shape: the recipe's: with more than one process each would measure its own step time; "
+                          f"pass --shape {'|'.join(shapes.BY_NAME)}")
+        module, _, name = config.data.class_path.rpartition(".")
+        extent = getattr(importlib.import_module(module), name).extent(dict(config.data.init_args))
+        if extent is None:
+            return None, f"Shape: the recipe's ({recipe}): the data's size could not be read ahead"
+        device = run_device(config.trainer.accelerator)
+        precision = str(config.trainer.precision)
+        settings = {k: v for k, v in dict(config.model).items() if k in SETTINGS_DEFAULTS}
+        settings.update(num_classes=10, patch_size=config.data.init_args.get("patch_size", 8))
+        batch_size = config.data.init_args.get("batch_size", 128)
+
+        def step(shape: shapes.Shape) -> float:
+            network = {**settings, "image_size": shape.image_size, "dim": shape.dim, "depth": shape.depth,
+                       "num_heads": shape.num_heads}
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's seed stays
+                return shapes.step_seconds(network, batch_size, precision, device, fused_attention(device, precision))
+
+        rank_zero_info(f"Measuring the training step of {len(shapes.candidates(extent[1]))} network shapes "
+                       f"on this machine (a few seconds)...")
+        choice = shapes.choose(budget, *extent, step, batch_size)
+        return choice.shape, str(choice)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured Trainer, writing checkpoints with SafeCheckpointIO unless plugins are given."""
@@ -229,6 +311,18 @@ def run_folder(data: Any) -> str:
     datamodule = getattr(importlib.import_module(module), name)
     root = data.init_args.get("root") if data.init_args else None
     return f"{ROOT_DIR}/{datamodule.run_name(None if root is None else str(root))}"
+
+
+def one_process(trainer: Any) -> bool:
+    """Whether the run trains in one process (one device, one node)."""
+    devices = trainer.devices
+    if trainer.num_nodes not in (None, 1):
+        return False
+    if devices in (1, "1") or (isinstance(devices, list) and len(devices) == 1):
+        return True
+    if devices in ("auto", None, -1, "-1"):
+        return run_device(trainer.accelerator).type != "cuda" or torch.cuda.device_count() <= 1
+    return False
 
 
 def flag_value(args: list[str], flag: str) -> str | None:

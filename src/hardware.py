@@ -72,6 +72,15 @@ def default_recipe(accelerator: str | Any) -> tuple[Path, str]:
     return CPU_RECIPE, f"{where}; the GPU recipe is configs/{GPU_RECIPE.name}"
 
 
+def run_device(accelerator: str | Any) -> torch.device:
+    """The device a run on `accelerator` trains on (its first one): cuda, mps or cpu."""
+    if _wants_cuda(accelerator):
+        return torch.device("cuda")
+    if _wants_mps(accelerator):
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def fused_attention(device: torch.device, precision: str | Any) -> bool:
     """Whether attention runs PyTorch's fused kernel on `device` at `precision` (else matmul + softmax).
 

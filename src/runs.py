@@ -24,6 +24,7 @@ from src.checkpoints import load_for_resume, remove_partial_files
 from src.data.base import AUTOMATIC, outermost_missing, resolved_choices
 from src.errors import ConfigError, UserError
 from src.models.vit import ARCHITECTURE, saved_settings, upgrade_state_dict
+from src.shapes import BY_NAME
 
 
 @dataclass
@@ -69,7 +70,7 @@ def start_or_resume(config: Any) -> Resume | None:
         for partial in remove_partial_files(models_dir):
             rank_zero_info(f"Removed {partial}, left by a checkpoint write that was interrupted")
     path, checkpoint = load_for_resume(last)
-    repeat_data_choices(config, checkpoint)
+    repeat_choices(config, checkpoint)
     version = checkpoint.get("logger_version")
     logger = config.trainer.logger
     if version is not None and str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
@@ -77,16 +78,22 @@ def start_or_resume(config: Any) -> Resume | None:
     return Resume(path, checkpoint)
 
 
-def repeat_data_choices(config: Any, checkpoint: dict) -> None:
-    """A resumed run takes the data choices its checkpoint made (mirroring, normalisation) for the
-    settings still left automatic, instead of measuring the data again."""
+def repeat_choices(config: Any, checkpoint: dict) -> None:
+    """A resumed run takes the choices its checkpoint made (mirroring, normalisation, the network's shape)
+    for the settings still left automatic, instead of measuring the data and the machine again."""
     settings, repeated = config.data.init_args, []
     for key, value in resolved_choices(checkpoint.get("datamodule_hyper_parameters") or {}).items():
         if key in settings and settings[key] == AUTOMATIC[key]:
             settings[key] = value
             repeated.append(f"--data.{key} {str(value).lower() if isinstance(value, bool) else value}")
+    if config.shape == "auto":
+        trained = checkpoint.get("hyper_parameters") or {}
+        shape = next((s for s in BY_NAME.values() if all(
+            trained.get(k) == v for values in s.settings().values() for k, v in values.items())), None)
+        config.shape = shape.name if shape else "recipe"  # the config's values: resume_from says if they do not fit
+        repeated.append(f"--shape {config.shape}")
     if repeated:
-        rank_zero_info(f"The resumed run's data choices are kept: {', '.join(repeated)}")
+        rank_zero_info(f"The resumed run's choices are kept: {', '.join(repeated)}")
 
 
 def fit_problems(saved: dict, wanted: dict, keys: Iterable[str], found: dict[str, Tensor],

@@ -69,7 +69,7 @@ def loaders() -> tuple[DataLoader, DataLoader]:
 
 def fit(monkeypatch, tmp_path: Path, max_time: int | None, max_epochs: int = -1, warmup_epochs: float = 1.0,
         save_at: int | None = None, resume: Path | None = None, seconds: float = 1.0,
-        **trainer_args) -> tuple[pl.Trainer, Tick]:
+        warmup_share: float | None = TimeBudget.WARMUP_SHARE, **trainer_args) -> tuple[pl.Trainer, Tick]:
     clock = FakeClock()
     fake_time = types.SimpleNamespace(monotonic=clock.monotonic)
     monkeypatch.setattr(pl.callbacks.timer, "time", fake_time)
@@ -78,8 +78,10 @@ def fit(monkeypatch, tmp_path: Path, max_time: int | None, max_epochs: int = -1,
     model = ViTClassifier(num_classes=3, image_size=16, patch_size=4, dim=16, depth=1, num_heads=2,
                           lr=LR, min_lr=MIN_LR, warmup_epochs=warmup_epochs, drop_path=0.0)
     tick = Tick(clock, save_at, tmp_path / "mid.ckpt", seconds)
+    budget = TimeBudget()
+    budget.warmup_share = warmup_share
     trainer = pl.Trainer(accelerator="cpu", max_epochs=max_epochs, max_time={"seconds": max_time} if max_time else None,
-                        callbacks=[tick, TimeBudget(), *trainer_args.pop("callbacks", [])], logger=False,
+                        callbacks=[tick, budget, *trainer_args.pop("callbacks", [])], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         **{"enable_checkpointing": False, **trainer_args})
     trainer.fit(model, *loaders(), ckpt_path=resume, weights_only=True if resume else None)
@@ -120,6 +122,20 @@ def test_a_slow_machine_warms_up_within_its_share_of_the_budget(monkeypatch, tmp
     assert trainer.global_step * 2.0 >= 0.7 * 200  # and trained most of the budget
     # Without the cap it would still be warming up at a fifth of the budget (step 20 of 50).
     assert warmup_cosine(20, 50, math.inf, MIN_LR / LR) < 0.5
+
+
+def test_a_typed_warmup_is_not_capped(monkeypatch, tmp_path: Path, image_folder: Path):
+    # The same slow machine with the cap lifted, as a typed --model.warmup_epochs lifts it: all 50 steps.
+    trainer, tick = fit(monkeypatch, tmp_path, max_time=200, warmup_epochs=5.0, seconds=2.0, warmup_share=None)
+    lrs = [tick.lrs[step] for step in sorted(tick.lrs)]
+    assert max(range(len(lrs)), key=lrs.__getitem__) == 49
+    for flags, share in [([], TimeBudget.WARMUP_SHARE), (["--model.warmup_epochs", "5"], None)]:
+        cli = ViTCLI(args=["--config", str(REPO / "configs/cifar10-cpu.yaml"), "--data", "ImageFolderDataModule",
+                           "--data.root", str(image_folder), "--trainer.logger", "false", "--shape", "recipe",
+                           "--trainer.max_time", "00:00:05:00", *flags])
+        monkeypatch.chdir(tmp_path)
+        cli.build()
+        assert next(c for c in cli.trainer.callbacks if isinstance(c, TimeBudget)).warmup_share == share
 
 
 def test_steps_and_time_together_end_at_whichever_comes_first(monkeypatch, tmp_path: Path):
@@ -169,7 +185,7 @@ def test_the_final_weights_are_saved_when_no_validation_ends_the_last_epoch(monk
 def test_a_typed_budget_lifts_the_recipes_epochs(monkeypatch, tmp_path: Path, image_folder: Path, flags, max_epochs):
     monkeypatch.chdir(tmp_path)
     cli = ViTCLI(args=["--config", str(REPO / "configs/cifar10-cpu.yaml"), "--data", "ImageFolderDataModule",
-                       "--data.root", str(image_folder), "--trainer.logger", "false", *flags])
+                       "--data.root", str(image_folder), "--trainer.logger", "false", "--shape", "recipe", *flags])
     cli.build()
     assert cli.trainer.max_epochs == max_epochs
     assert any(isinstance(c, TimeBudget) for c in cli.trainer.callbacks)

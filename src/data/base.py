@@ -346,6 +346,12 @@ class ImageDataModule(pl.LightningDataModule):
         """The name of a run's folder under data/lightning/ when none is given: the data it holds."""
         return cls.__name__.removesuffix("DataModule").lower()
 
+    @classmethod
+    def extent(cls, settings: dict[str, Any]) -> tuple[int, int] | None:
+        """(training images, native image size in px) from the DataModule's settings, before anything is
+        read, for the run's shape choice (src/shapes.py); None when not known without reading the data."""
+        return None
+
     @functools.cached_property
     def mix(self) -> v2.Transform | None:
         """MixUp / CutMix over this dataset's classes, or None; built once `num_classes` is known."""

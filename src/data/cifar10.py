@@ -34,6 +34,11 @@ class CIFAR10DataModule(ImageDataModule):
         self.set_image(32, CIFAR10_MEAN, CIFAR10_STD)
         self.choose_hflip(True, "declared for CIFAR-10: photos of things seen from either side")
 
+    @classmethod
+    def extent(cls, settings: dict[str, Any]) -> tuple[int, int]:
+        """The official training set less the validation images; 32 px."""
+        return 50_000 - settings.get("val_size", 5000), 32
+
     def _open(self, train: bool, download: bool = False) -> CIFAR10:
         """The torchvision dataset, or one error that says exactly which file to put where."""
         try:

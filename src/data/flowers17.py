@@ -247,6 +247,11 @@ class Flowers17DataModule(ImageDataModule):
         self.split_used: str | None = None
         _ = self.train_transform  # built once now, so a bad crop_scale or augment fails at start-up
 
+    @classmethod
+    def extent(cls, settings: dict[str, Any]) -> tuple[int, int]:
+        """680 training images (1 020 with train+val); the photos are 500 px on their shorter side."""
+        return SPLIT_SIZES["train"] + (SPLIT_SIZES["val"] if settings.get("train_on") == "train+val" else 0), 500
+
     @property
     def testable(self) -> bool:
         """Instance pre-training has no class-labelled test; fine-tuning tests."""

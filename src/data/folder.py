@@ -148,6 +148,29 @@ class ImageFolderDataModule(ImageDataModule):
         name = path.parent.name if path.name == "train" else path.name
         return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "images"
 
+    @classmethod
+    def extent(cls, settings: dict[str, Any]) -> tuple[int, int] | None:
+        """The training folder's image count less what is held out of it, and the median shorter side of
+        up to 25 of its images (headers only); None when the folder cannot be read (__init__ says why)."""
+        root = Path(settings["root"])
+        train = root / "train" if (root / "train").is_dir() else root
+        try:
+            files = [path for path, _ in ImageFolder(str(train), is_valid_file=is_image_file).samples]
+        except (FileNotFoundError, OSError):
+            return None
+        held_out = sum(settings.get(f"{split}_fraction", 0.1) for split in ("val", "test")
+                       if not (root / split).is_dir())
+        sides = []
+        for path in files[::max(1, len(files) // 25)]:
+            try:
+                with Image.open(path) as image:
+                    sides.append(min(image.size))
+            except (OSError, UnidentifiedImageError, ValueError):
+                continue
+        if not sides:
+            return None
+        return round(len(files) * (1 - held_out)), int(np.median(sides))
+
     def _measure(self, image_size: int, mean: Sequence[float] | None,
                  std: Sequence[float] | None) -> tuple[Sequence[float], Sequence[float]]:
         """Measure the training folder (src/data/facts.py): resolve `hflip: auto`, and the normalisation

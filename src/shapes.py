@@ -1,0 +1,131 @@
+"""The network's shape for a time budget: the image size, width and depth, from a small measured family.
+
+With --trainer.max_time and a recipe that leaves its shape to the run (`shape: auto`), `choose` takes
+each candidate's training step time on this machine (`step_seconds`: a few steps on random images, at
+start-up, in the run's precision), the number of training images, their native size and the budget,
+and picks what the equal-compute table in bench/RESULTS.md found best: the largest shape that still
+trains for `MIN_EPOCHS` epochs in the budget, else the smallest. A run resumed from a checkpoint keeps
+that checkpoint's shape, and a typed --model.dim, --model.depth, --model.num_heads,
+--model.mlp_ratio, --data.image_size or --data.patch_size, or `--shape NAME`, is the user's word.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from src.images import patchify
+from src.models.vit import ViT
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One member of the family: the training image size and the transformer's width and depth."""
+
+    name: str
+    image_size: int  # px, cut into 8x8 px tokens by the conv stem
+    dim: int
+    depth: int
+    num_heads: int  # 32 channels per head
+
+    def settings(self) -> dict[str, dict[str, int]]:
+        """The config values this shape sets, by section."""
+        return {"data": {"image_size": self.image_size},
+                "model": {"dim": self.dim, "depth": self.depth, "num_heads": self.num_heads}}
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.image_size} px, dim {self.dim}, depth {self.depth})"
+
+
+# In order of cost (model-only training step on a 2-core AVX2 EPYC in float32, relative to s32: m32
+# 2.3x, s48 2.0x, s64 3.9x; bench/RESULTS.md). s32 is the CPU recipe's network.
+FAMILY = (
+    Shape("s32", 32, 128, 4, 4),
+    Shape("s48", 48, 128, 4, 4),
+    Shape("m32", 32, 192, 6, 6),
+    Shape("s64", 64, 128, 4, 4),
+)
+BY_NAME = {shape.name: shape for shape in FAMILY}
+# The shape flags: typing any of them fixes the shape.
+SHAPE_FLAGS = ("--model.dim", "--model.depth", "--model.num_heads", "--model.mlp_ratio",
+               "--data.image_size", "--data.patch_size")
+MIN_EPOCHS = 100  # a bigger shape is chosen only when it still trains this many epochs in the budget
+# Of the budget's seconds, the share that trains at the model-only step rate: the rest is the data
+# pipeline, validation and the reserve for the final test (measured end to end, bench/RESULTS.md).
+EFFICIENCY = 0.75
+
+
+@dataclass(frozen=True)
+class Choice:
+    shape: Shape
+    epochs: dict[str, float]  # expected epochs of each candidate in the budget
+
+    def __str__(self) -> str:
+        expected = ", ".join(f"{name} {epochs:.0f}" for name, epochs in self.epochs.items())
+        return (f"Shape: {self.shape}, the largest of the family that trains {MIN_EPOCHS} epochs in the budget "
+                f"(expected epochs from this machine's step time: {expected}); override with --shape NAME "
+                f"or --model.dim/--model.depth/--data.image_size")
+
+
+def candidates(native_size: int) -> list[Shape]:
+    """The shapes whose images are not larger than the data's (32 px, the smallest, always counts)."""
+    return [shape for shape in FAMILY if shape.image_size <= max(32, native_size)]
+
+
+def choose(budget_s: float, train_images: int, native_size: int, step_s: Callable[[Shape], float],
+           batch_size: int) -> Choice:
+    """The shape for `budget_s` seconds of training on `train_images` images of `native_size` px, from
+    the step time of a batch of `batch_size` images that `step_s` measures for each candidate."""
+    shapes = candidates(native_size)
+    epochs = {shape.name: EFFICIENCY * budget_s * batch_size / step_s(shape) / max(1, train_images)
+              for shape in shapes}
+    fits = [shape for shape in shapes if epochs[shape.name] >= MIN_EPOCHS]
+    return Choice(max(fits, key=shapes.index) if fits else shapes[0], epochs)
+
+
+def step_seconds(settings: dict, batch_size: int, precision: str, device: torch.device,
+                 fused_attention: bool, steps: int = 2) -> float:
+    """Seconds of one training step (forward, cross entropy, backward, AdamW) of a ViT with `settings`
+    on `batch_size` random images, the fastest of `steps` after one warm-up step."""
+    model = ViT(**settings).to(device)
+    model.use_fused_attention(fused_attention)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    size, patch = settings["image_size"], settings["patch_size"]
+    patches = patchify(torch.randn(batch_size, settings.get("in_channels", 3), size, size), patch).to(device)
+    labels = torch.randint(settings["num_classes"], (batch_size,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if "bf16" in precision else torch.float16,
+                              enabled="mixed" in precision)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with autocast:
+            loss = F.cross_entropy(model(patches), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def budget_seconds(max_time: object) -> float | None:
+    """--trainer.max_time in seconds ("DD:HH:MM:SS", a dict of timedelta fields or a timedelta)."""
+    import datetime
+
+    if not max_time:
+        return None
+    if isinstance(max_time, datetime.timedelta):
+        return max_time.total_seconds()
+    if isinstance(max_time, dict):
+        return datetime.timedelta(**max_time).total_seconds()
+    parts: Sequence[str] = str(max_time).split(":")
+    try:
+        days, hours, minutes, seconds = (float(p) for p in parts)
+    except ValueError:
+        return None  # Lightning's Timer says what is wrong with it
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
