@@ -270,10 +270,16 @@ class TensorBoardPictures(Callback):
     """Pictures in TensorBoard: at a run's first validation, every `every_n_epochs` epochs and at its
     last validation, the confusion matrix, a grid of validation images with predicted/true labels, and
     attention rollouts over the same fixed images; after testing, the hyperparameters with the final
-    metrics in the HPARAMS tab."""
+    metrics in the HPARAMS tab.
 
-    def __init__(self, every_n_epochs: int = 5, num_images: int = 16) -> None:
-        if every_n_epochs < 1 or num_images < 1:
+    `every_n_epochs` None (the default) draws as often as keeps the drawing within `SHARE` of the run's
+    time: a drawing takes about 2 s on a 2-core CPU, which every 5 epochs of a small dataset (3 s an
+    epoch) was 12 % of the training time (bench/RESULTS.md)."""
+
+    SHARE = 0.02  # of the time since the latest drawing, at most, for the next
+
+    def __init__(self, every_n_epochs: int | None = None, num_images: int = 16) -> None:
+        if (every_n_epochs is not None and every_n_epochs < 1) or num_images < 1:
             raise ConfigError(
                 f"pictures.every_n_epochs and pictures.num_images must be positive, "
                 f"got {every_n_epochs} and {num_images}"
@@ -282,6 +288,7 @@ class TensorBoardPictures(Callback):
         self.num_images = num_images
         self._validated: int | None = None  # global step of this run's latest validation
         self._drawn: int | None = None  # global step of the latest validation drawn
+        self._drawing = (0.0, 0.0)  # when the latest drawing in this process ended, and its seconds
 
     @staticmethod
     def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
@@ -302,8 +309,15 @@ class TensorBoardPictures(Callback):
         self._validated = trainer.global_step
         # Whether this validation is the run's last is known only after it (early stopping decides
         # then): a last one not drawn here is drawn when training ends (on_train_end).
-        if self._drawn is None or (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if self._drawn is None or self._due(trainer):
             self._draw(trainer, pl_module)
+
+    def _due(self, trainer: Trainer) -> bool:
+        """Whether this validation is drawn: every `every_n_epochs`, or by the time share (rank 0's clock)."""
+        if self.every_n_epochs is not None:
+            return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        ended, seconds = self._drawing
+        return bool(trainer.strategy.broadcast(time.monotonic() - ended >= seconds / self.SHARE))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The model still holds the weights of the last validation when no training step followed it.
@@ -312,6 +326,13 @@ class TensorBoardPictures(Callback):
 
     def _draw(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The latest validation's pictures, logged at its global step."""
+        start = time.monotonic()
+        try:
+            self._log_pictures(trainer, pl_module)
+        finally:
+            self._drawing = (time.monotonic(), time.monotonic() - start)
+
+    def _log_pictures(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._drawn = trainer.global_step
         matrix = pl_module.val_confusion.compute()  # every rank takes part in the sync
         logger = self._tensorboard(trainer)

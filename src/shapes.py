@@ -11,6 +11,7 @@ that checkpoint's shape, and a typed --model.dim, --model.depth, --model.num_hea
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -54,9 +55,19 @@ BY_NAME = {shape.name: shape for shape in FAMILY}
 SHAPE_FLAGS = ("--model.dim", "--model.depth", "--model.num_heads", "--model.mlp_ratio",
                "--data.image_size", "--data.patch_size")
 MIN_EPOCHS = 100  # a bigger shape is chosen only when it still trains this many epochs in the budget
-# Of the budget's seconds, the share that trains at the model-only step rate: the rest is the data
-# pipeline, validation and the reserve for the final test (measured end to end, bench/RESULTS.md).
-EFFICIENCY = 0.75
+# How the model-only step time becomes an epoch's time, as measured end to end through train.py on a
+# 2-core AVX2 EPYC (3-minute runs, bench/RESULTS.md): the training steps take PIPELINE times their
+# model-only time (augmentation, loading), and each epoch adds about EPOCH_COST_S (validation, two
+# checkpoint writes, logs). Of the budget, TRAINED is training; the rest is the final validation and test.
+PIPELINE = 1.4
+EPOCH_COST_S = 1.5
+TRAINED = 0.9
+
+
+def expected_epochs(budget_s: float, train_images: int, step_s: float, batch_size: int) -> float:
+    """The epochs `budget_s` seconds give `train_images` images at `step_s` seconds a batch."""
+    steps = math.ceil(max(1, train_images) / batch_size)
+    return TRAINED * budget_s / (steps * step_s * PIPELINE + EPOCH_COST_S)
 
 
 @dataclass(frozen=True)
@@ -66,9 +77,10 @@ class Choice:
 
     def __str__(self) -> str:
         expected = ", ".join(f"{name} {epochs:.0f}" for name, epochs in self.epochs.items())
-        return (f"Shape: {self.shape}, the largest of the family that trains {MIN_EPOCHS} epochs in the budget "
-                f"(expected epochs from this machine's step time: {expected}); override with --shape NAME "
-                f"or --model.dim/--model.depth/--data.image_size")
+        why = (f"the largest that trains {MIN_EPOCHS} epochs in the budget" if self.epochs[self.shape.name] >= MIN_EPOCHS
+               else f"the smallest: none trains {MIN_EPOCHS} epochs in the budget")
+        return (f"Shape: {self.shape}, {why} (expected epochs from this machine's step time: {expected}); "
+                "override with --shape NAME or --model.dim/--model.depth/--data.image_size")
 
 
 def candidates(native_size: int) -> list[Shape]:
@@ -81,8 +93,7 @@ def choose(budget_s: float, train_images: int, native_size: int, step_s: Callabl
     """The shape for `budget_s` seconds of training on `train_images` images of `native_size` px, from
     the step time of a batch of `batch_size` images that `step_s` measures for each candidate."""
     shapes = candidates(native_size)
-    epochs = {shape.name: EFFICIENCY * budget_s * batch_size / step_s(shape) / max(1, train_images)
-              for shape in shapes}
+    epochs = {shape.name: expected_epochs(budget_s, train_images, step_s(shape), batch_size) for shape in shapes}
     fits = [shape for shape in shapes if epochs[shape.name] >= MIN_EPOCHS]
     return Choice(max(fits, key=shapes.index) if fits else shapes[0], epochs)
 

@@ -232,3 +232,22 @@ def test_default_checkpoint_is_the_newest_recipe_folders(tmp_path: Path):
         path.write_bytes(b"")
         os.utime(path, (1e9 - age, 1e9 - age))
     assert newest_last_checkpoint(tmp_path) == tmp_path / "flowers17" / "last.ckpt"
+
+
+def test_pictures_take_a_bounded_share_of_the_time(monkeypatch):
+    import types
+
+    import src.callbacks
+    from src.callbacks import TensorBoardPictures
+
+    now = 1000.0
+    monkeypatch.setattr(src.callbacks, "time", types.SimpleNamespace(monotonic=lambda: now))
+    trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(broadcast=lambda value: value), current_epoch=4)
+    pictures = TensorBoardPictures()
+    pictures._drawing = (now - 40.0, 1.0)  # a 1 s drawing 40 s ago: another now would be 2.5 % of the time
+    assert not pictures._due(trainer)
+    pictures._drawing = (now - 60.0, 1.0)
+    assert pictures._due(trainer)
+    every_5 = TensorBoardPictures(every_n_epochs=5)  # a typed interval is kept, whatever it costs
+    every_5._drawing = (now - 1.0, 1.0)
+    assert every_5._due(trainer)

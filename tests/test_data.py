@@ -389,3 +389,18 @@ def test_random_resized_crops_on_both_augmentation_paths(tmp_path: Path):
         assert images.shape == (4, 3, 16, 16)
     with pytest.raises(ConfigError, match="crop must be"):
         ImageFolderDataModule(root=str(big), image_size=16, patch_size=4, crop="zoom")
+
+
+def test_an_image_folders_evaluation_images_are_decoded_once(image_folder: Path, monkeypatch):
+    from src.data import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(root=str(image_folder), num_workers=0, hflip=True)
+    dm.setup("fit")
+    reads = []
+    loader = dm.val_set.dataset.loader
+    monkeypatch.setattr(dm.val_set.dataset, "loader", lambda path: reads.append(path) or loader(path))
+    first = [x for x, _ in dm.val_dataloader()]
+    second = [x for x, _ in dm.val_dataloader()]
+    assert len(reads) == len(dm.val_set) and all(torch.equal(a, b) for a, b in zip(first, second))
+    fresh = dm.eval_transform(loader(dm.val_set.dataset.samples[dm.val_set.indices[0]][0]))
+    assert torch.equal(first[0][0], fresh)  # what an uncached read gives

@@ -162,12 +162,16 @@ class TransformedSubset(Dataset):
         transform: Callable,
         views: int = 1,
         instance_targets: bool = False,
+        cache: bool = False,
     ) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.transform = transform
         self.views = views
         self.instance_targets = instance_targets
+        # With a deterministic `transform` (evaluation), each sample as first made, kept: a loader's
+        # persistent worker then decodes every image once, not once per validation.
+        self.cache: dict[int, Any] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -181,6 +185,13 @@ class TransformedSubset(Dataset):
         return self._sample(i)
 
     def _sample(self, i: int):
+        if self.cache is None:
+            return self._made(i)
+        if i not in self.cache:
+            self.cache[i] = self._made(i)
+        return self.cache[i]
+
+    def _made(self, i: int):
         image, target = self.dataset[self.indices[i]]
         if self.instance_targets:
             target = i
