@@ -71,6 +71,32 @@ def equivalent_flags(timed: dict, budget: float, shortest: float) -> list[str]:
     return ["--trainer.max_epochs", str(epochs), "--model.warmup_epochs", f"{min(5.0, epochs / 10):g}"]
 
 
+def choices(root: Path, budgets: list[int]) -> None:
+    """What `shape: auto` picks for `budgets` on the image folder `root`, on this machine in float32."""
+    import torch
+    from src.data import ImageFolderDataModule
+    from src.hardware import default_precision, fused_attention
+    from src.models.vit import SETTINGS_DEFAULTS
+    import yaml
+
+    recipe = yaml.safe_load(CONFIG.read_text())
+    settings = {**{k: v for k, v in recipe["model"].items() if k in SETTINGS_DEFAULTS}, "num_classes": 10,
+                "patch_size": recipe["data"]["init_args"]["patch_size"]}
+    batch_size = recipe["data"]["init_args"]["batch_size"]
+    images, native = ImageFolderDataModule.extent({"root": str(root)})
+    precision, _ = default_precision("cpu")
+    device = torch.device("cpu")
+    step = {shape.name: shapes.step_seconds({**settings, "image_size": shape.image_size, "dim": shape.dim,
+                                             "depth": shape.depth, "num_heads": shape.num_heads},
+                                            batch_size, precision, device, fused_attention(device, precision))
+            for shape in shapes.candidates(native)}
+    print(f"{images} training images, {native} px; step seconds at batch {batch_size} in {precision}: "
+          + ", ".join(f"{name} {seconds:.3f}" for name, seconds in step.items()))
+    for budget in budgets:
+        choice = shapes.choose(budget, images, native, lambda shape: step[shape.name], batch_size)
+        print(f"{budget / 60:g} min: {choice}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True, help="an image folder (class folders, or train/ val/ test/)")
@@ -80,12 +106,16 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="--equivalent runs side by side, one core each")
     parser.add_argument("--timed", help="a --json file of an earlier run whose timed runs of the shortest "
                         "budget are reused instead of run again")
+    parser.add_argument("--choose", action="store_true", help="train nothing: print what `shape: auto` picks "
+                        "for each budget on this machine and data, from step times measured now")
     parser.add_argument("--json", help="write every run here")
     parser.add_argument("overrides", nargs="*", help="extra train.py flags for every run, after --")
     args = parser.parse_args()
     root = Path(args.data_root).resolve()
     if not root.is_dir():
         parser.error(f"--data-root {root} does not exist")
+    if args.choose:
+        return choices(root, sorted(args.budgets))
     scratch = Path(tempfile.mkdtemp(prefix="shapes-bench-"))
     budgets = sorted(args.budgets)
     results: list[dict] = []

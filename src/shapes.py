@@ -54,13 +54,13 @@ BY_NAME = {shape.name: shape for shape in FAMILY}
 # The shape flags: typing any of them fixes the shape.
 SHAPE_FLAGS = ("--model.dim", "--model.depth", "--model.num_heads", "--model.mlp_ratio",
                "--data.image_size", "--data.patch_size")
-MIN_EPOCHS = 100  # a bigger shape is chosen only when it still trains this many epochs in the budget
+MIN_EPOCHS = 200  # a bigger shape is chosen only when it still trains this many epochs in the budget
 # How the model-only step time becomes an epoch's time, as measured end to end through train.py on a
 # 2-core AVX2 EPYC (3-minute runs, bench/RESULTS.md): the training steps take PIPELINE times their
 # model-only time (augmentation, loading), and each epoch adds about EPOCH_COST_S (validation, two
 # checkpoint writes, logs). Of the budget, TRAINED is training; the rest is the final validation and test.
 PIPELINE = 1.4
-EPOCH_COST_S = 1.5
+EPOCH_COST_S = 1.0
 TRAINED = 0.9
 
 
