@@ -71,6 +71,17 @@ def equivalent_flags(timed: dict, budget: float, shortest: float) -> list[str]:
     return ["--trainer.max_epochs", str(epochs), "--model.warmup_epochs", f"{min(5.0, epochs / 10):g}"]
 
 
+def flowers_folder(jpg: Path, root: Path) -> None:
+    """The 1 360 Flowers-17 photos as an image folder: `root/train/<class>/image_NNNN.jpg`, linked."""
+    from src.data.flowers17 import CLASSES, label_of
+
+    for k in range(1, 1361):
+        target = root / "train" / CLASSES[label_of(k)] / f"image_{k:04d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(jpg / f"image_{k:04d}.jpg")
+
+
 def choices(root: Path, budgets: list[int]) -> None:
     """What `shape: auto` picks for `budgets` on the image folder `root`, on this machine in float32."""
     import torch
@@ -106,12 +117,16 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="--equivalent runs side by side, one core each")
     parser.add_argument("--timed", help="a --json file of an earlier run whose timed runs of the shortest "
                         "budget are reused instead of run again")
+    parser.add_argument("--flowers-folder", metavar="JPG_DIR", help="first link the Flowers-17 photos of JPG_DIR "
+                        "(image_0001.jpg ...) into --data-root as train/<class>/ folders")
     parser.add_argument("--choose", action="store_true", help="train nothing: print what `shape: auto` picks "
                         "for each budget on this machine and data, from step times measured now")
     parser.add_argument("--json", help="write every run here")
     parser.add_argument("overrides", nargs="*", help="extra train.py flags for every run, after --")
     args = parser.parse_args()
     root = Path(args.data_root).resolve()
+    if args.flowers_folder:
+        flowers_folder(Path(args.flowers_folder).resolve(), root)
     if not root.is_dir():
         parser.error(f"--data-root {root} does not exist")
     if args.choose:
