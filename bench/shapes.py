@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=int, default=[180, 600, 1200], help="seconds of training")
     parser.add_argument("--equivalent", action="store_true", help="longer budgets as the epochs they give (above)")
     parser.add_argument("--parallel", type=int, default=2, help="--equivalent runs side by side, one core each")
+    parser.add_argument("--cores", type=int, nargs="+", help="the cores they run on (default: the first --parallel)")
     parser.add_argument("--timed", help="a --json file of an earlier run whose timed runs of the shortest "
                         "budget are reused instead of run again")
     parser.add_argument("--flowers-folder", metavar="JPG_DIR", help="first link the Flowers-17 photos of JPG_DIR "
@@ -158,7 +159,7 @@ def main() -> None:
             record(result, budget, "timed")
     if args.equivalent:
         jobs = [(shape, budget) for budget in budgets[1:] for shape in args.shapes]
-        free = list(range(len(os.sched_getaffinity(0))))[:args.parallel]
+        free = args.cores or sorted(os.sched_getaffinity(0))[:args.parallel]
         with ThreadPoolExecutor(len(free)) as pool:
             def one(job: tuple[str, int]) -> None:
                 shape, budget = job
