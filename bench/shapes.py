@@ -85,22 +85,19 @@ def flowers_folder(jpg: Path, root: Path) -> None:
 def choices(root: Path, budgets: list[int]) -> None:
     """What `shape: auto` picks for `budgets` on the image folder `root`, on this machine in float32."""
     import torch
-    from src.data import ImageFolderDataModule
-    from src.hardware import default_precision, fused_attention
-    from src.models.vit import SETTINGS_DEFAULTS
     import yaml
 
+    from src.data import ImageFolderDataModule
+    from src.hardware import default_precision
+    from src.models.vit import SETTINGS_DEFAULTS
+
     recipe = yaml.safe_load(CONFIG.read_text())
-    settings = {**{k: v for k, v in recipe["model"].items() if k in SETTINGS_DEFAULTS}, "num_classes": 10,
+    settings = {**{k: v for k, v in recipe["model"].items() if k in SETTINGS_DEFAULTS},
                 "patch_size": recipe["data"]["init_args"]["patch_size"]}
     batch_size = recipe["data"]["init_args"]["batch_size"]
     images, native = ImageFolderDataModule.extent({"root": str(root)})
     precision, _ = default_precision("cpu")
-    device = torch.device("cpu")
-    step = {shape.name: shapes.step_seconds({**settings, "image_size": shape.image_size, "dim": shape.dim,
-                                             "depth": shape.depth, "num_heads": shape.num_heads},
-                                            batch_size, precision, device, fused_attention(device, precision))
-            for shape in shapes.candidates(native)}
+    step = shapes.step_times(native, settings, batch_size, precision, torch.device("cpu"))
     print(f"{images} training images, {native} px; step seconds at batch {batch_size} in {precision}: "
           + ", ".join(f"{name} {seconds:.3f}" for name, seconds in step.items()))
     for budget in budgets:

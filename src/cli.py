@@ -27,7 +27,7 @@ from src.checkpoints import SafeCheckpointIO
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule, resolved_choices
 from src.errors import ConfigError, UserError
-from src.hardware import default_precision, default_recipe, fused_attention, run_device
+from src.hardware import default_precision, default_recipe, run_device
 from src.models.classifier import ViTClassifier
 from src.models.vit import SETTINGS_DEFAULTS
 from src import shapes
@@ -272,21 +272,12 @@ class ViTCLI(LightningCLI):
         extent = getattr(importlib.import_module(module), name).extent(dict(config.data.init_args))
         if extent is None:
             return None, f"Shape: the recipe's ({recipe}): the data's size could not be read ahead"
-        device = run_device(config.trainer.accelerator)
-        precision = str(config.trainer.precision)
         settings = {k: v for k, v in dict(config.model).items() if k in SETTINGS_DEFAULTS}
-        settings.update(num_classes=10, patch_size=config.data.init_args.get("patch_size", 8))
-        batch_size = config.data.init_args.get("batch_size", 128)
-
-        def step(shape: shapes.Shape) -> float:
-            network = {**settings, "image_size": shape.image_size, "dim": shape.dim, "depth": shape.depth,
-                       "num_heads": shape.num_heads}
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's seed stays
-                return shapes.step_seconds(network, batch_size, precision, device, fused_attention(device, precision))
-
+        settings["patch_size"] = config.data.init_args.get("patch_size", 8)
         rank_zero_info(f"Measuring the training step of {len(shapes.candidates(extent[1]))} network shapes "
                        f"on this machine (a few seconds)...")
-        choice = shapes.choose(budget, *extent, step, batch_size)
+        choice = shapes.measure_and_choose(budget, extent, settings, config.data.init_args.get("batch_size", 128),
+                                           str(config.trainer.precision), run_device(config.trainer.accelerator))
         return choice.shape, str(choice)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
