@@ -277,6 +277,7 @@ class TensorBoardPictures(Callback):
     epoch) was 12 % of the training time (bench/RESULTS.md)."""
 
     SHARE = 0.02  # of the time since the latest drawing, at most, for the next
+    UNTIMED_EVERY = 5  # epochs between drawings until one has been timed in this process
 
     def __init__(self, every_n_epochs: int | None = None, num_images: int = 16) -> None:
         if (every_n_epochs is not None and every_n_epochs < 1) or num_images < 1:
@@ -314,9 +315,9 @@ class TensorBoardPictures(Callback):
 
     def _due(self, trainer: Trainer) -> bool:
         """Whether this validation is drawn: every `every_n_epochs`, or by the time share (rank 0's clock)."""
-        if self.every_n_epochs is not None:
-            return (trainer.current_epoch + 1) % self.every_n_epochs == 0
         ended, seconds = self._drawing
+        if self.every_n_epochs is not None or not ended:  # (a resumed run: every 5 until it has timed one)
+            return (trainer.current_epoch + 1) % (self.every_n_epochs or self.UNTIMED_EVERY) == 0
         return bool(trainer.strategy.broadcast(time.monotonic() - ended >= seconds / self.SHARE))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -251,3 +251,5 @@ def test_pictures_take_a_bounded_share_of_the_time(monkeypatch):
     every_5 = TensorBoardPictures(every_n_epochs=5)  # a typed interval is kept, whatever it costs
     every_5._drawing = (now - 1.0, 1.0)
     assert every_5._due(trainer)
+    resumed = TensorBoardPictures()  # nothing timed yet in this process: every 5 epochs
+    assert resumed._due(trainer) and not resumed._due(types.SimpleNamespace(**{**vars(trainer), "current_epoch": 5}))
