@@ -3,8 +3,8 @@
 With --trainer.max_time and a recipe that leaves its shape to the run (`shape: auto`), `choose` takes
 each candidate's training step time on this machine (`step_seconds`: a few steps on random images, at
 start-up, in the run's precision), the number of training images, their native size and the budget,
-and picks what the equal-compute table in bench/RESULTS.md found best: the largest shape that still
-trains for `MIN_EPOCHS` epochs in the budget, else the smallest. A run resumed from a checkpoint keeps
+and picks what the equal-compute table in bench/RESULTS.md found best: the last shape of FAMILY that
+still trains for `MIN_EPOCHS` epochs in the budget, else the first. A run resumed from a checkpoint keeps
 that checkpoint's shape, and a typed --model.dim, --model.depth, --model.num_heads,
 --model.mlp_ratio, --data.image_size or --data.patch_size, or `--shape NAME`, is the user's word.
 """
@@ -43,12 +43,14 @@ class Shape:
         return f"{self.name} ({self.image_size} px, dim {self.dim}, depth {self.depth})"
 
 
-# In order of cost (model-only training step on a 2-core AVX2 EPYC in float32, relative to s32: m32
-# 2.3x, s48 2.0x, s64 3.9x; bench/RESULTS.md). s32 is the CPU recipe's network.
+# In order of preference, each chosen over those before it once it gets MIN_EPOCHS epochs: more pixels
+# before more width (on the Flowers-17 photos at 20 minutes s48 beat s32 on validation and m32 lost to
+# both; bench/RESULTS.md). Model-only step cost on a 2-core AVX2 EPYC in float32, relative to s32: m32
+# 2.3x, s48 2.0x, s64 3.9x. s32 is the CPU recipe's network.
 FAMILY = (
     Shape("s32", 32, 128, 4, 4),
-    Shape("s48", 48, 128, 4, 4),
     Shape("m32", 32, 192, 6, 6),
+    Shape("s48", 48, 128, 4, 4),
     Shape("s64", 64, 128, 4, 4),
 )
 BY_NAME = {shape.name: shape for shape in FAMILY}
@@ -78,7 +80,7 @@ class Choice:
 
     def __str__(self) -> str:
         expected = ", ".join(f"{name} {epochs:.0f}" for name, epochs in self.epochs.items())
-        why = (f"the largest that trains {MIN_EPOCHS} epochs in the budget" if self.epochs[self.shape.name] >= MIN_EPOCHS
+        why = (f"the family's last that trains {MIN_EPOCHS} epochs in the budget" if self.epochs[self.shape.name] >= MIN_EPOCHS
                else f"the smallest: none trains {MIN_EPOCHS} epochs in the budget")
         return (f"Shape: {self.shape}, {why} (expected epochs from this machine's step time: {expected}); "
                 "override with --shape NAME or --model.dim/--model.depth/--data.image_size")

@@ -37,7 +37,8 @@ def test_the_image_size_never_exceeds_the_datas_own():
     small = shapes.choose(10 ** 6, 1000, 28, fake_step, 128)
     assert {name for name in small.epochs} == {"s32", "m32"}  # 32 px is the smallest the family has
     assert small.shape.image_size == 32
-    assert shapes.choose(10 ** 6, 1000, 48, fake_step, 128).shape.name == "m32"
+    assert shapes.choose(10 ** 6, 1000, 48, fake_step, 128).shape.name == "s48"  # pixels before width
+    assert shapes.choose(10 ** 6, 1000, 32, fake_step, 128).shape.name == "m32"
 
 
 def test_the_probe_times_a_real_training_step():
