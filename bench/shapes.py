@@ -83,25 +83,16 @@ def flowers_folder(jpg: Path, root: Path) -> None:
 
 
 def choices(root: Path, budgets: list[int]) -> None:
-    """What `shape: auto` picks for `budgets` on the image folder `root`, on this machine in float32."""
-    import torch
-    import yaml
+    """What `shape: auto` picks for `budgets` on the image folder `root` with the plain command, here."""
+    from src.cli import ViTCLI, data_class
 
-    from src.data import ImageFolderDataModule
-    from src.hardware import default_precision
-    from src.models.vit import SETTINGS_DEFAULTS
-
-    recipe = yaml.safe_load(CONFIG.read_text())
-    settings = {**{k: v for k, v in recipe["model"].items() if k in SETTINGS_DEFAULTS},
-                "patch_size": recipe["data"]["init_args"]["patch_size"]}
-    batch_size = recipe["data"]["init_args"]["batch_size"]
-    images, native = ImageFolderDataModule.extent({"root": str(root)})
-    precision, _ = default_precision("cpu")
-    step = shapes.step_times(native, settings, batch_size, precision, torch.device("cpu"))
-    print(f"{images} training images, {native} px; step seconds at batch {batch_size} in {precision}: "
-          + ", ".join(f"{name} {seconds:.3f}" for name, seconds in step.items()))
+    cli = ViTCLI(args=["--data", "ImageFolderDataModule", "--data.root", str(root), "--trainer.logger", "false"])
+    images, native = data_class(cli.config.data).extent(dict(cli.config.data.init_args))
+    step = cli.step_times(native)
+    print(f"{images} training images, {native} px; step seconds at batch {cli.batch_size} in "
+          f"{cli.config.trainer.precision}: " + ", ".join(f"{name} {seconds:.3f}" for name, seconds in step.items()))
     for budget in budgets:
-        choice = shapes.choose(budget, images, native, lambda shape: step[shape.name], batch_size)
+        choice = shapes.choose(budget, images, native, lambda shape: step[shape.name], cli.batch_size)
         print(f"{budget / 60:g} min: {choice}")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
@@ -220,8 +219,8 @@ class TimeBudget(Callback):
         if self._timer is None or schedule is None:
             return
         elapsed, deadline = self._timer.time_elapsed(), self.deadline()
-        share = self.warmup_share if self.warmup_share is not None else math.inf
-        warmup_time = elapsed / max(1e-9, share * deadline)  # share of the warm-up's allowance used
+        # The share of the warm-up's time allowance used (none: a typed warm-up ends by its steps alone).
+        warmup_time = 0.0 if self.warmup_share is None else elapsed / max(1e-9, self.warmup_share * deadline)
         if self.warmup_end is None and (trainer.global_step >= schedule.warmup_steps or warmup_time >= 1.0):
             self.warmup_end = elapsed
         progress = 0.0

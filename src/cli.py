@@ -268,17 +268,27 @@ class ViTCLI(LightningCLI):
         if not one_process(config.trainer):
             return None, ("Shape: the recipe's: with more than one process each would measure its own step time; "
                           f"pass --shape {'|'.join(shapes.BY_NAME)}")
-        module, _, name = config.data.class_path.rpartition(".")
-        extent = getattr(importlib.import_module(module), name).extent(dict(config.data.init_args))
+        extent = data_class(config.data).extent(dict(config.data.init_args))
         if extent is None:
             return None, f"Shape: the recipe's ({recipe}): the data's size could not be read ahead"
-        settings = {k: v for k, v in dict(config.model).items() if k in SETTINGS_DEFAULTS}
-        settings["patch_size"] = config.data.init_args.get("patch_size", 8)
         rank_zero_info(f"Measuring the training step of {len(shapes.candidates(extent[1]))} network shapes "
                        f"on this machine (a few seconds)...")
-        choice = shapes.measure_and_choose(budget, extent, settings, config.data.init_args.get("batch_size", 128),
-                                           str(config.trainer.precision), run_device(config.trainer.accelerator))
+        times = self.step_times(extent[1])
+        choice = shapes.choose(budget, *extent, lambda shape: times[shape.name], self.batch_size)
         return choice.shape, str(choice)
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.data.init_args.get("batch_size", 128)
+
+    def step_times(self, native_size: int) -> dict[str, float]:
+        """The training step time of each family member for images of `native_size` px, measured now with
+        the run's other network settings, batch size, precision and device (src.shapes.step_times)."""
+        config = self.config
+        settings = {k: v for k, v in dict(config.model).items() if k in SETTINGS_DEFAULTS}
+        settings["patch_size"] = config.data.init_args.get("patch_size", 8)
+        return shapes.step_times(native_size, settings, self.batch_size, str(config.trainer.precision),
+                                 run_device(config.trainer.accelerator))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured Trainer, writing checkpoints with SafeCheckpointIO unless plugins are given."""
@@ -298,10 +308,14 @@ class ViTCLI(LightningCLI):
 def run_folder(data: Any) -> str:
     """A run's checkpoint folder when none is given: `data/lightning/<name>`, named after the data it
     holds (the DataModule's `run_name`), so runs of different datasets never share one."""
-    module, _, name = data.class_path.rpartition(".")
-    datamodule = getattr(importlib.import_module(module), name)
     root = data.init_args.get("root") if data.init_args else None
-    return f"{ROOT_DIR}/{datamodule.run_name(None if root is None else str(root))}"
+    return f"{ROOT_DIR}/{data_class(data).run_name(None if root is None else str(root))}"
+
+
+def data_class(data: Any) -> type[ImageDataModule]:
+    """The DataModule class a config's `data` section names (its class_path), not yet built."""
+    module, _, name = data.class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def one_process(trainer: Any) -> bool:

@@ -98,7 +98,7 @@ def choose(budget_s: float, train_images: int, native_size: int, step_s: Callabl
     shapes = candidates(native_size)
     epochs = {shape.name: expected_epochs(budget_s, train_images, step_s(shape), batch_size) for shape in shapes}
     fits = [shape for shape in shapes if epochs[shape.name] >= MIN_EPOCHS]
-    return Choice(max(fits, key=shapes.index) if fits else shapes[0], epochs)
+    return Choice(fits[-1] if fits else shapes[0], epochs)  # the family's order is its preference
 
 
 def step_times(native_size: int, settings: dict, batch_size: int, precision: str,
@@ -108,18 +108,10 @@ def step_times(native_size: int, settings: dict, batch_size: int, precision: str
     fused = fused_attention(device, precision)
     times = {}
     for shape in candidates(native_size):
-        network = {**settings, "num_classes": 10, "image_size": shape.image_size, "dim": shape.dim,
-                   "depth": shape.depth, "num_heads": shape.num_heads}
+        network = {**settings, "num_classes": 10, **shape.settings()["data"], **shape.settings()["model"]}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             times[shape.name] = step_seconds(network, batch_size, precision, device, fused)
     return times
-
-
-def measure_and_choose(budget_s: float, extent: tuple[int, int], settings: dict, batch_size: int, precision: str,
-                       device: torch.device) -> Choice:
-    """`choose` for `extent` (training images, native size), from the step times measured now."""
-    times = step_times(extent[1], settings, batch_size, precision, device)
-    return choose(budget_s, *extent, lambda shape: times[shape.name], batch_size)
 
 
 def step_seconds(settings: dict, batch_size: int, precision: str, device: torch.device,
