@@ -21,6 +21,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 folder=${GPU_CHECK_DIR:-.gpu_check}
 site=${TMPDIR:-/tmp}/vit-lightning-site  # where the missing packages are installed (then PYTHONPATH)
+if ! command -v python >/dev/null; then  # some images name it python3 only
+  shim=$(mktemp -d); ln -s "$(command -v python3)" "$shim/python"; export PATH="$shim:$PATH"
+fi
 
 install_missing() {  # what this Python lacks of the project's requirements, from the prepared wheels, offline
   python bench/gpu_prepare.py --folder "$folder" --install "$site" 2>&1 | tee -a "${log:-/dev/null}"
