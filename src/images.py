@@ -52,13 +52,21 @@ def _grid(patches: Tensor, patch_size: int, image_size: int | tuple[int, int] | 
     return H // P, W // P, D // (P * P)
 
 
-def unpatchify(patches: Tensor, patch_size: int, image_size: int | tuple[int, int] | None = None) -> Tensor:
-    """Flattened patches (*, N, P*P*C), row by row -> the images (*, C, H, W); square unless `image_size` says."""
+def unpatchify(patches: Tensor, patch_size: int, image_size: int | tuple[int, int] | None = None,
+               channels_last: bool = False) -> Tensor:
+    """Flattened patches (*, N, P*P*C), row by row -> the images (*, C, H, W); square unless `image_size` says.
+
+    `channels_last`: the same images laid out (*, H, W, C) in memory (PyTorch's channels_last), which
+    the patches' own (P, P, C) order gives with one copy and oneDNN's CPU convolutions run fastest.
+    """
     *lead, _, _ = patches.shape
     P = patch_size
     h, w, C = _grid(patches, P, image_size)
     x = patches.reshape(*lead, h, w, P, P, C)  # (*, h, w, P, P, C)
     n = len(lead)
+    if channels_last:
+        x = x.permute(*range(n), n, n + 2, n + 1, n + 3, n + 4)  # (*, h, P, w, P, C)
+        return x.reshape(*lead, h * P, w * P, C).movedim(-1, -3)  # (*, C, H, W), channels innermost
     x = x.permute(*range(n), n + 4, n, n + 2, n + 1, n + 3)  # (*, C, h, P, w, P)
     return x.reshape(*lead, C, h * P, w * P)  # (*, C, H, W)
 

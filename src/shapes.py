@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from src.hardware import fused_attention
+from src.hardware import fused_adamw, fused_attention
 from src.images import patchify
 from src.models.vit import ViT
 
@@ -120,7 +120,7 @@ def step_seconds(settings: dict, batch_size: int, precision: str, device: torch.
     on `batch_size` random images, the fastest of `steps` after one warm-up step."""
     model = ViT(**settings).to(device)
     model.use_fused_attention(fused_attention)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device, precision))
     size, patch = settings["image_size"], settings["patch_size"]
     patches = patchify(torch.randn(batch_size, settings.get("in_channels", 3), size, size), patch).to(device)
     labels = torch.randint(settings["num_classes"], (batch_size,), device=device)

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from src.checkpoints import read_checkpoint
 from src.errors import ConfigError, DivergedError
-from src.hardware import fused_attention
+from src.hardware import fused_adamw, fused_attention
 from src.models.knn import knn_accuracy
 from src.models.losses import ProjectionHead, info_nce
 from src.models.vit import ARCHITECTURE, ViT, upgrade_state_dict
@@ -376,7 +376,8 @@ class ViTClassifier(pl.LightningModule):
         groups = param_groups(self, hp.weight_decay, hp.layer_decay)
         for group in groups:
             group["lr"] = hp.lr * group.get("lr_scale", 1.0)  # the schedule scales each group's own rate
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas)
+        precision = self._trainer.precision if self._trainer is not None else "32-true"
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas, fused=fused_adamw(self.device, precision))
         scheduler = WarmupCosine(optimizer, hp.min_lr / hp.lr)  # its length is planned in on_train_start
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
