@@ -4,6 +4,7 @@
     python bench/throughput.py --model M                 # dim 384, depth 7, 12 heads, MLP 384
     python bench/throughput.py --model config --config configs/cifar10-cpu.yaml
     python bench/throughput.py --model M --precision 32-true --compile
+    python bench/throughput.py --model config --no-reference --profile   # where the step's time goes
     python bench/throughput.py --end-to-end --config configs/cifar10-cpu.yaml --augment-on device
     python bench/throughput.py --end-to-end --images 50000 --epochs 2 -- --model.dim 384 ...   # model M
 
@@ -242,6 +243,27 @@ def model_mode(args: argparse.Namespace, device: torch.device, precision: str) -
     if len(rates) == 2:
         ours_rate, timm_rate = (statistics.median(r) for r in rates.values())
         print(f"ratio      ours / timm = {ours_rate / timm_rate:.2f}x")
+    if args.profile:
+        profile_step(next(iter(contenders.values())), args.steps, device)
+
+
+def profile_step(step: Callable[[], None], steps: int, device: torch.device, top: int = 12) -> None:
+    """Where our step's time goes: torch.profiler over `steps` steps, the operators with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events)
+    print(f"profile    {steps} steps, {total / steps / 1e3:.1f} ms of {'device' if device.type == 'cuda' else 'CPU'} "
+          f"self time a step; the top {top} operators:")
+    for event in events[:top]:
+        share = getattr(event, attr) / total
+        print(f"  {100 * share:5.1f}%  {getattr(event, attr) / steps / 1e3:6.2f} ms  {event.count // steps:4d} calls  {event.key}")
 
 
 def describe(device: torch.device) -> str:
@@ -387,6 +409,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=7)
     parser.add_argument("--no-reference", action="store_true", help="skip timm")
+    parser.add_argument("--profile", action="store_true", help="model mode: then profile our step (top operators)")
     parser.add_argument("--end-to-end", action="store_true", help="through the real DataModule and Trainer")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets" / "cifar10-subset"),
                         help="the images (default: ../shared/datasets/cifar10-subset beside the repository)")

@@ -27,10 +27,11 @@ from src.checkpoints import SafeCheckpointIO
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule, resolved_choices
 from src.errors import ConfigError, UserError
-from src.hardware import default_precision, default_recipe, run_device
+from src.hardware import default_precision, default_recipe, fused_attention, run_device
 from src.models.classifier import ViTClassifier
 from src.models.vit import SETTINGS_DEFAULTS
-from src import shapes
+from src import compiling, shapes
+from src.models.classifier import compile_unavailable
 
 ROOT_DIR = "data/lightning"
 
@@ -212,6 +213,7 @@ class ViTCLI(LightningCLI):
             if cause is None:
                 raise
             raise cause from None
+        self.choose_compile()  # after the classes have checked their settings: it times their network
         self.best_checkpoint: ModelCheckpoint = self._get(self.config_init, "checkpoint")
         if "--model.warmup_epochs" in self.given:  # the user's warm-up, not capped by the budget
             for callback in self.trainer.callbacks:
@@ -276,6 +278,59 @@ class ViTCLI(LightningCLI):
         times = self.step_times(extent[1])
         choice = shapes.choose(budget, *extent, lambda shape: times[shape.name], self.batch_size)
         return choice.shape, str(choice)
+
+    def choose_compile(self) -> None:
+        """Resolve `--model.compile auto` into true or false for this run's length (src/compiling.py), and
+        say so: in the config (saved as config.yaml) and the model's hparams, before anything compiles."""
+        if self.config.model.compile != "auto":
+            return
+        self.config.model.compile, why = self.compile_for_length()
+        if getattr(self, "model", None) is not None:  # built: the model compiles in setup() by its hparams
+            self.model.hparams.compile = self.config.model.compile
+        rank_zero_info(f"{why}; override with --model.compile true|false")
+
+    def compile_for_length(self) -> tuple[bool, str]:
+        config = self.config
+        device = run_device(config.trainer.accelerator)
+        reason = compile_unavailable(device)
+        if reason:
+            return False, f"Compile: off ({reason})"
+        if config.trainer.fast_dev_run:
+            return False, "Compile: off (--trainer.fast_dev_run)"
+        if not one_process(config.trainer):
+            return False, "Compile: off (with more than one process each would measure its own step)"
+        settings, precision = self.network(), str(config.trainer.precision)
+        key = compiling.machine_key(settings, self.batch_size, precision, device)
+        known = compiling.cached(key)
+        seconds = shapes.budget_seconds(config.trainer.max_time)
+        extent = data_class(config.data).extent(dict(config.data.init_args))
+        if (config.trainer.max_epochs or -1) > 0 and extent is not None:  # the epochs, at this machine's eager step
+            step = known.eager if known else shapes.step_seconds(settings, self.batch_size, precision, device,
+                                                                 fused_attention(device, precision))
+            epochs = config.trainer.max_epochs * -(-extent[0] // self.batch_size) * step
+            seconds = min(seconds or epochs, epochs)
+        if seconds is None:
+            return False, "Compile: off (the run's length is not known ahead)"
+        length = f"{seconds / 60:.0f} minutes of training" if seconds >= 60 else f"{seconds:.0f} s of training"
+        if known is None:
+            if seconds < compiling.PROBE_FROM:
+                return False, (f"Compile: off ({length}, under {compiling.PROBE_FROM / 60:.0f} minutes: too short "
+                               "to pay back compiling, which takes 10 s to over a minute on 2 cores)")
+            rank_zero_info("Measuring the training step eager and compiled on this machine (once per network; "
+                           "compiling takes up to a minute or two)...")
+            known = compiling.probe(settings, self.batch_size, precision, device)
+            compiling.remember(key, known)
+        gain = known.steps(seconds, True) / known.steps(seconds, False) - 1
+        return known.pays(seconds), (f"Compile: {'on' if known.pays(seconds) else 'off'} ({known}: "
+                                     f"{100 * gain:+.0f} % steps in {length})")
+
+    def network(self) -> dict:
+        """The settings of the ViT this run trains (10 classes stand in for the data's: the head barely costs)."""
+        config = self.config
+        settings = {k: v for k, v in dict(config.model).items() if k in SETTINGS_DEFAULTS}
+        data = config.data.init_args
+        settings.update(num_classes=10, patch_size=data.get("patch_size", 8), image_size=data.get("image_size", 32))
+        return settings
 
     @property
     def batch_size(self) -> int:

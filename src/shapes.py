@@ -120,6 +120,12 @@ def step_seconds(settings: dict, batch_size: int, precision: str, device: torch.
     on `batch_size` random images, the fastest of `steps` after one warm-up step."""
     model = ViT(**settings).to(device)
     model.use_fused_attention(fused_attention)
+    return min(timed_steps(model, settings, batch_size, precision, device, steps + 1)[1:])
+
+
+def timed_steps(model: ViT, settings: dict, batch_size: int, precision: str, device: torch.device,
+                steps: int) -> list[float]:
+    """The seconds of each of `steps` training steps of `model` (built with `settings`) on random images."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device, precision))
     size, patch = settings["image_size"], settings["patch_size"]
     patches = patchify(torch.randn(batch_size, settings.get("in_channels", 3), size, size), patch).to(device)
@@ -127,7 +133,7 @@ def step_seconds(settings: dict, batch_size: int, precision: str, device: torch.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if "bf16" in precision else torch.float16,
                               enabled="mixed" in precision)
     times = []
-    for _ in range(steps + 1):
+    for _ in range(steps):
         start = time.perf_counter()
         with autocast:
             loss = F.cross_entropy(model(patches), labels)
@@ -137,7 +143,7 @@ def step_seconds(settings: dict, batch_size: int, precision: str, device: torch.
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return min(times[1:])
+    return times
 
 
 def budget_seconds(max_time: object) -> float | None:

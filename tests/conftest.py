@@ -17,6 +17,17 @@ CIFAR_SUBSET = SHARED_DATASETS / "cifar10-subset" / "train"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+@pytest.fixture(autouse=True)
+def no_compile_probe_in_process(monkeypatch, request):
+    """An in-process run long enough for `--model.compile auto` to probe would compile for a minute: a
+    test that gets there says which length it meant (--model.compile false, or a fake probe of its own)."""
+    from src import compiling
+
+    def probe(*args, **kwargs):
+        raise AssertionError(f"{request.node.name} ran the real compile probe")
+    monkeypatch.setattr(compiling, "probe", probe)
+
+
 def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 

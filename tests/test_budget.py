@@ -185,7 +185,8 @@ def test_the_final_weights_are_saved_when_no_validation_ends_the_last_epoch(monk
 def test_a_typed_budget_lifts_the_recipes_epochs(monkeypatch, tmp_path: Path, image_folder: Path, flags, max_epochs):
     monkeypatch.chdir(tmp_path)
     cli = ViTCLI(args=["--config", str(REPO / "configs/cifar10-cpu.yaml"), "--data", "ImageFolderDataModule",
-                       "--data.root", str(image_folder), "--trainer.logger", "false", "--shape", "recipe", *flags])
+                       "--data.root", str(image_folder), "--trainer.logger", "false", "--shape", "recipe",
+                       "--model.compile", "false", *flags])
     cli.build()
     assert cli.trainer.max_epochs == max_epochs
     assert any(isinstance(c, TimeBudget) for c in cli.trainer.callbacks)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from src.errors import ConfigError
+from src.hardware import fused_adamw
 from src.models.classifier import ViTClassifier, param_groups, warmup_cosine
 from src.models.vit import Attention, ViT
 
@@ -163,3 +164,15 @@ def test_attention_rollout_explains_what_the_head_reads(monkeypatch, global_pool
     assert torch.allclose(rollout.amax(dim=(1, 2)), torch.ones(3))
     with pytest.raises(ValueError, match="global_pool"):
         attention_rollout(model.attention_maps(patches()), "max")
+
+
+def test_adamw_is_fused_where_pytorch_has_the_kernel_and_no_scaler_needs_unscaling():
+    assert fused_adamw(torch.device("cpu"), "32-true") and fused_adamw(torch.device("cpu"), "bf16-mixed")
+    assert not fused_adamw(torch.device("cuda"), "16-mixed")  # clipping needs Lightning to unscale first
+    model = ViTClassifier(**TINY)
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert all(group["fused"] for group in optimizer.param_groups)
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(patches()), torch.tensor([0, 1, 2])).backward()
+    optimizer.step()  # the fused kernel runs here: every parameter moves
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,26 @@ def test_unpatchify_inverts_patchify():
     images = torch.randn(3, 3, 32, 32)
     assert torch.equal(unpatchify(patchify(images, 4), 4), images)
     assert torch.equal(unpatchify(patchify(images, 8), 8), images)
+    laid_out = unpatchify(patchify(images, 8), 8, channels_last=True)  # the conv stem's layout
+    assert torch.equal(laid_out, images) and laid_out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_stem_computes_what_the_plain_layout_does():
+    torch.manual_seed(0)
+    stem = ViT(num_classes=10, image_size=32, patch_size=8, dim=64, depth=1, num_heads=2, tokenizer="conv",
+               stem_width=16).patch_embed.train()
+    plain = copy.deepcopy(stem).to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in stem.parameters() if p.ndim == 4)
+    patches = patchify(torch.randn(4, 3, 32, 32), 8)
+    images = unpatchify(patches, 8)  # (B, C, H, W), plain layout
+    expected = plain.proj(plain.convs(images)).flatten(2).transpose(1, 2)
+    tokens = stem(patches)
+    assert tokens.is_contiguous() and torch.allclose(tokens, expected, atol=1e-5)
+    tokens.square().sum().backward()
+    expected.square().sum().backward()
+    for mine, theirs in zip(stem.parameters(), plain.parameters()):
+        scale = theirs.grad.abs().max()  # float32 sums in another order: equal to a 1e-4 of the largest
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_conv_tokenizer_gives_one_token_per_patch_and_trains_every_weight():

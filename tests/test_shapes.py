@@ -61,7 +61,8 @@ def test_budget_seconds_reads_every_form_of_max_time():
 
 def cli(folder: Path, *flags: str) -> ViTCLI:
     return ViTCLI(args=["--config", str(REPO / "configs/cifar10-cpu.yaml"), "--data", "ImageFolderDataModule",
-                        "--data.root", str(folder), "--data.num_workers", "0", "--trainer.logger", "false", *flags])
+                        "--data.root", str(folder), "--data.num_workers", "0", "--trainer.logger", "false",
+                        "--model.compile", "false", *flags])
 
 
 @pytest.fixture

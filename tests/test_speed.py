@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO, write_image_folder
+from src import compiling
+from src.cli import ViTCLI
 from src.data.device import BatchAugment, DeviceImages, reflect
 from src.data.transforms import PatchifyTransform
 from src.hardware import fused_attention
@@ -80,6 +84,58 @@ def test_compile_falls_back_with_a_warning_where_it_cannot_run(monkeypatch):
         module.setup("fit")
     assert any("training uncompiled" in str(w.message) for w in caught)
     assert module.model.forward_features == forward  # left as it was
+
+
+def test_compiling_pays_only_when_the_steps_it_saves_outweigh_its_compile_time():
+    probe = compiling.Probe(eager=0.10, compiled=0.08, compile=40.0)  # 20 % off a step after 40 s
+    assert probe.steps(1200, compiled=True) == pytest.approx((1200 - 40) / 0.08)
+    assert not probe.pays(180) and not probe.pays(199)  # break-even: 40 s / 0.2 = 200 s of training
+    assert probe.pays(201) and probe.pays(3600)
+    assert not compiling.Probe(eager=0.10, compiled=0.11, compile=1.0).pays(1e6)  # slower compiled: never
+
+
+@pytest.fixture
+def compile_cli(monkeypatch, tmp_path):
+    """A CLI on a small image folder, compile "auto", with a fake probe that counts its calls."""
+    monkeypatch.chdir(tmp_path)  # data/compile-probe.json lands here
+    monkeypatch.setattr(compiling, "CACHE", tmp_path / "data" / "compile-probe.json")
+    monkeypatch.setattr(classifier, "compile_unavailable", lambda device: None)
+    monkeypatch.setattr("src.cli.compile_unavailable", lambda device: None)
+    calls = []
+
+    def probe(settings, batch_size, precision, device):
+        calls.append(settings["dim"])
+        return compiling.Probe(eager=0.10, compiled=0.05, compile=30.0)
+    monkeypatch.setattr(compiling, "probe", probe)
+    folder = write_image_folder(tmp_path / "images")
+
+    def make(*flags):
+        run = ViTCLI(args=["--config", str(REPO / "configs/cifar10-cpu.yaml"), "--data", "ImageFolderDataModule",
+                           "--data.root", str(folder), "--shape", "recipe", "--trainer.logger", "false", *flags])
+        run.choose_compile()
+        return run.config.model.compile
+    return make, calls
+
+
+def test_compile_auto_probes_once_per_network_and_machine_then_reads_the_cache(compile_cli, caplog):
+    make, calls = compile_cli
+    assert make("--model.compile", "auto", "--trainer.max_time", "00:00:20:00") is True
+    assert calls == [128]  # the recipe's network, measured once
+    assert "Compile: on (a compiled step 50 ms against 100 ms eager, after 30 s compiling: +95 % steps" in caplog.text
+    assert make("--model.compile", "auto", "--trainer.max_time", "00:01:00:00") is True and calls == [128]  # cached
+    saved = json.loads(compiling.CACHE.read_text())
+    assert [json.loads(key)["network"]["dim"] for key in saved] == [128]
+    assert make("--model.compile", "auto", "--trainer.max_time", "00:00:00:45") is False  # cached: 45 s < 30 s + ...
+    assert make("--model.compile", "auto", "--trainer.max_time", "00:00:20:00", "--model.dim", "64",
+                "--model.num_heads", "2") is True and calls == [128, 64]  # another network: probed
+
+
+def test_compile_auto_skips_the_probe_for_a_short_run_and_a_typed_value_wins(compile_cli, caplog):
+    make, calls = compile_cli
+    assert make("--model.compile", "auto", "--trainer.max_time", "00:00:05:00") is False
+    assert calls == [] and "Compile: off (5 minutes of training, under 10 minutes" in caplog.text
+    assert make("--model.compile", "false", "--trainer.max_time", "00:01:00:00") is False and calls == []
+    assert make("--model.compile", "true", "--trainer.max_time", "00:00:01:00") is True and calls == []
 
 
 def test_batched_patchify_matches_the_per_image_transform():

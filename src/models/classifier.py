@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -165,6 +165,8 @@ class ViTClassifier(pl.LightningModule):
     pre-training) with a fresh head; `layer_decay` < 1 then lets the layers nearer the input learn
     slower (`param_groups`). `compile` runs the ViT through `torch.compile` (in place, so
     checkpoints are unchanged); where that cannot work, training goes on uncompiled with a warning.
+    "auto" is resolved by train.py before the model is built: compiled where it pays for the run's
+    length on this machine (src/compiling.py).
     `flip_tta` scores validation, test and classify.py on the mean logits of each image and its
     mirror image, when mirror images keep their class in this data (`hflip`, linked from the
     DataModule, which measures or declares it). With `evaluation`
@@ -192,7 +194,7 @@ class ViTClassifier(pl.LightningModule):
         projection_dim: int = 128,
         # where to start, how to run, how to evaluate
         init_from: str | None = None,
-        compile: bool = False,
+        compile: bool | Literal["auto"] = False,
         flip_tta: bool = False,
         knn_k: int = 20,
         knn_temperature: float = 0.07,
@@ -338,7 +340,7 @@ class ViTClassifier(pl.LightningModule):
         self.model.use_fused_attention(fused_attention(self.trainer.strategy.root_device, self.trainer.precision))
         # Called by every trainer.fit/validate/test; the flag keeps it to one compile. Not in
         # configure_model: weight averaging (EMA) warns that models which override it may be sharded.
-        if not self.hparams.compile or getattr(self, "_compiled", False):
+        if self.hparams.compile is not True or getattr(self, "_compiled", False):  # "auto": the CLI's to resolve
             return
         self._compiled = True
         reason = compile_unavailable(self.trainer.strategy.root_device)

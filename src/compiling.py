@@ -1,0 +1,111 @@
+"""`--model.compile auto`: torch.compile only where it pays for the run's length, measured on this machine.
+
+A compiled step is cheaper, but compiling takes 10 s to over a minute on 2 cores (training's graphs
+first, evaluation's at the first validation), inside the run's time. So compiling pays when the steps
+it saves over the run outweigh that time: `pays` compares the steps each way fits in the run's
+seconds. `probe` times the run's own network on random images, eagerly and compiled, compile times
+included; the result is kept per machine, PyTorch version, device, precision, network and batch size
+in data/compile-probe.json, so only a network's first run pays for the probe. A run too short for
+compiling to pay even if it halved the step is not probed at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from src.hardware import fused_attention
+from src.models.classifier import compile_features
+from src.models.vit import ViT
+from src.shapes import timed_steps
+
+CACHE = Path("data") / "compile-probe.json"  # relative to where train.py runs, as data/lightning/ is
+# Below this many seconds of training a run is not probed: the probe's own compile would take a tenth
+# of it, and on 2 cores compiling has never saved more than a sixth of a step (bench/RESULTS.md).
+PROBE_FROM = 600.0
+STEPS = 3  # timed steps each way, after the first (which compiles)
+
+
+@dataclass(frozen=True)
+class Probe:
+    eager: float  # seconds of an eager training step
+    compiled: float  # of a compiled one
+    compile: float  # seconds spent compiling: training's graphs and evaluation's
+
+    def steps(self, seconds: float, compiled: bool) -> float:
+        """Training steps in `seconds`, compiling first or not."""
+        return max(0.0, seconds - self.compile) / self.compiled if compiled else seconds / self.eager
+
+    def pays(self, seconds: float) -> bool:
+        return self.steps(seconds, True) > self.steps(seconds, False)
+
+    def __str__(self) -> str:
+        return (f"a compiled step {self.compiled * 1e3:.0f} ms against {self.eager * 1e3:.0f} ms eager, "
+                f"after {self.compile:.0f} s compiling")
+
+
+def machine_key(settings: dict, batch_size: int, precision: str, device: torch.device) -> str:
+    """What a probe's result holds for: this machine's processor and threads (or GPU), PyTorch, the network."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{cpu_name()}, {torch.get_num_threads()} threads")
+    return json.dumps({"device": f"{device.type}: {where}", "torch": torch.__version__, "precision": precision,
+                       "batch_size": batch_size, "network": settings}, sort_keys=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cached(key: str) -> Probe | None:
+    try:
+        return Probe(**json.loads(CACHE.read_text())[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remember(key: str, result: Probe) -> None:
+    """Keep `result` under `key`; written whole to a temporary file first, so a stop leaves no half file."""
+    cache = CACHE
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known[key] = asdict(result)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(known, indent=1))
+    partial.replace(cache)
+
+
+def probe(settings: dict, batch_size: int, precision: str, device: torch.device) -> Probe:
+    """Eager and compiled training steps of a ViT with `settings` on random images; the run's random state
+    is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        eager = ViT(**settings).to(device)
+        eager.use_fused_attention(fused_attention(device, precision))
+        eager_s = min(timed_steps(eager, settings, batch_size, precision, device, STEPS + 1)[1:])
+        compiled = ViT(**settings).to(device)
+        compiled.use_fused_attention(fused_attention(device, precision))
+        compile_features(compiled)
+        times = timed_steps(compiled, settings, batch_size, precision, device, STEPS + 1)
+        compiled_s = min(times[1:])
+        compiled.eval()  # evaluation's graphs compile at the first validation: timed too
+        patches = torch.randn(batch_size, (settings["image_size"] // settings["patch_size"]) ** 2,
+                              settings["patch_size"] ** 2 * settings.get("in_channels", 3), device=device)
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in precision):
+            compiled(patches)
+        evaluation_s = time.perf_counter() - start
+    return Probe(eager_s, compiled_s, times[0] - compiled_s + evaluation_s)
