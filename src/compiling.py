@@ -1,7 +1,8 @@
 """`--model.compile auto`: torch.compile only where it pays for the run's length, measured on this machine.
 
-A compiled step is cheaper, but compiling takes 10 s to over a minute on 2 cores (training's graphs
-first, evaluation's at the first validation), inside the run's time. So compiling pays when the steps
+A compiled step is cheaper, but compiling takes 10 s to over a minute on 2 cores, inside the run's
+time, and more than once: training's graphs first, again at an epoch's last, smaller batch, and
+evaluation's at the first validation. So compiling pays when the steps
 it saves over the run outweigh that time: `pays` compares the steps each way fits in the run's
 seconds. `probe` times the run's own network on random images, eagerly and compiled, compile times
 included; the result is kept per machine, PyTorch version, device, precision, network and batch size
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ CACHE = Path("data") / "compile-probe.json"  # relative to where train.py runs, 
 # Below this many seconds of training a run is not probed: the probe's own compile would take a tenth
 # of it, and on 2 cores compiling has never saved more than a sixth of a step (bench/RESULTS.md).
 PROBE_FROM = 600.0
-STEPS = 3  # timed steps each way, after the first (which compiles)
+ROUNDS = 6  # of three eager and three compiled steps, after the first of each (which compiles)
 
 
 @dataclass(frozen=True)
@@ -90,22 +92,31 @@ def remember(key: str, result: Probe) -> None:
 
 
 def probe(settings: dict, batch_size: int, precision: str, device: torch.device) -> Probe:
-    """Eager and compiled training steps of a ViT with `settings` on random images; the run's random state
-    is left as it was."""
+    """Eager and compiled training steps of a ViT with `settings` on random images, and what compiling
+    costs a run: training's graphs and evaluation's, each at the run's batch size and again at another
+    (an epoch's last, smaller batch makes PyTorch compile a second, shape-general graph). The run's
+    random state is left as it was."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        eager = ViT(**settings).to(device)
-        eager.use_fused_attention(fused_attention(device, precision))
-        eager_s = min(timed_steps(eager, settings, batch_size, precision, device, STEPS + 1)[1:])
-        compiled = ViT(**settings).to(device)
-        compiled.use_fused_attention(fused_attention(device, precision))
+        eager, compiled = (ViT(**settings).to(device) for _ in range(2))
+        for model in (eager, compiled):
+            model.use_fused_attention(fused_attention(device, precision))
         compile_features(compiled)
-        times = timed_steps(compiled, settings, batch_size, precision, device, STEPS + 1)
-        compiled_s = min(times[1:])
-        compiled.eval()  # evaluation's graphs compile at the first validation: timed too
-        patches = torch.randn(batch_size, (settings["image_size"] // settings["patch_size"]) ** 2,
-                              settings["patch_size"] ** 2 * settings.get("in_channels", 3), device=device)
-        start = time.perf_counter()
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in precision):
-            compiled(patches)
-        evaluation_s = time.perf_counter() - start
-    return Probe(eager_s, compiled_s, times[0] - compiled_s + evaluation_s)
+        timed_steps(eager, settings, batch_size, precision, device, 1)  # warm-up
+        first = timed_steps(compiled, settings, batch_size, precision, device, 1)[0]  # compiles
+        times: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for _ in range(ROUNDS):  # alternating, so a change in the machine's load hits both alike
+            for name, model in (("eager", eager), ("compiled", compiled)):
+                times[name] += timed_steps(model, settings, batch_size, precision, device, 3)
+        eager_s, compiled_s = (statistics.median(times[name]) for name in ("eager", "compiled"))
+        other = max(1, batch_size // 2)
+        compile_s = first - compiled_s + timed_steps(compiled, settings, other, precision, device, 1)[0]
+        compiled.eval()
+        tokens = (settings["image_size"] // settings["patch_size"]) ** 2
+        for size in (batch_size, other):
+            patches = torch.randn(size, tokens, settings["patch_size"] ** 2 * settings.get("in_channels", 3),
+                                  device=device)
+            start = time.perf_counter()
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in precision):
+                compiled(patches)
+            compile_s += time.perf_counter() - start
+    return Probe(eager_s, compiled_s, compile_s)

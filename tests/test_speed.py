@@ -138,6 +138,18 @@ def test_compile_auto_skips_the_probe_for_a_short_run_and_a_typed_value_wins(com
     assert make("--model.compile", "true", "--trainer.max_time", "00:00:01:00") is True and calls == []
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(compile_unavailable(torch.device("cpu")) is not None, reason="torch.compile cannot run here")
+def test_the_compile_probe_times_real_steps_and_leaves_the_random_state(monkeypatch):
+    monkeypatch.undo()  # the real probe, which conftest keeps out of the quick tier
+    settings = dict(SMALL, in_channels=3, tokenizer="conv", stem_width=8, patch_size=8)
+    state = torch.random.get_rng_state()
+    probe = compiling.probe(settings, 16, "32-true", torch.device("cpu"))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert 0 < probe.eager < 1 and 0 < probe.compiled < 1  # a tiny network's step
+    assert probe.compile > 0.2  # traced and built (a second or more even with a warm Inductor cache)
+
+
 def test_batched_patchify_matches_the_per_image_transform():
     images = torch.randn(5, 3, 32, 32)
     one_by_one = torch.stack([PatchifyTransform(4)(image) for image in images])
