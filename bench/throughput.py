@@ -40,6 +40,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -150,7 +151,9 @@ def make_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, dev
 def build_config(config: str, overrides: list[str]) -> ViTCLI:
     """The config's DataModule and LightningModule, built by the CLI train.py uses."""
     with tempfile.TemporaryDirectory() as scratch:  # never resume from, or write to, data/
-        cli = ViTCLI(args=["--config", config, "--trainer.logger", "false",
+        # A recipe's `compile: auto` is this script's --compile here: "auto" would first probe on its own.
+        auto = (yaml.safe_load(Path(config).read_text()).get("model") or {}).get("compile") == "auto"
+        cli = ViTCLI(args=["--config", config, "--trainer.logger", "false", *(["--model.compile", "false"] * auto),
                            "--checkpoint.dirpath", scratch, *overrides])
         cli.build()
         return cli
