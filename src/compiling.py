@@ -85,10 +85,13 @@ def remember(key: str, result: Probe) -> None:
     except (OSError, ValueError):
         known = {}
     known[key] = asdict(result)
-    cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(known, indent=1))
-    partial.replace(cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(known, indent=1))
+        partial.replace(cache)
+    except OSError:  # a read-only or full disk: the run goes on, and the next one probes again
+        partial.unlink(missing_ok=True)
 
 
 def probe(settings: dict, batch_size: int, precision: str, device: torch.device) -> Probe:

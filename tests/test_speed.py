@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import json
 import warnings
 
@@ -136,6 +137,16 @@ def test_compile_auto_skips_the_probe_for_a_short_run_and_a_typed_value_wins(com
     assert calls == [] and "Compile: off (5 minutes of training, under 10 minutes" in caplog.text
     assert make("--model.compile", "false", "--trainer.max_time", "00:01:00:00") is False and calls == []
     assert make("--model.compile", "true", "--trainer.max_time", "00:00:01:00") is True and calls == []
+
+
+def test_a_probe_that_cannot_be_saved_does_not_stop_the_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(compiling, "CACHE", tmp_path / "data" / "compile-probe.json")
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    compiling.remember("key", compiling.Probe(eager=0.1, compiled=0.05, compile=30.0))  # no error
+    assert compiling.cached("key") is None and not list((tmp_path / "data").iterdir())  # nothing half-written
 
 
 @pytest.mark.slow
