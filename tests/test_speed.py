@@ -1,11 +1,12 @@
-"""The fast paths give the float32 reference's results: bf16 attention, torch.compile, device augmentation."""
+"""The fast paths give the float32 reference's results (bf16 attention, torch.compile, device augmentation),
+and `--model.compile auto` compiles only where it pays."""
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
