@@ -25,7 +25,7 @@ import torch
 from src.hardware import fused_attention
 from src.models.classifier import compile_features
 from src.models.vit import ViT
-from src.shapes import timed_steps
+from src.shapes import timed_steps, training_step
 
 CACHE = Path("data") / "compile-probe.json"  # relative to where train.py runs, as data/lightning/ is
 # Below this many seconds of training a run is not probed: the probe's own compile would take a tenth
@@ -104,12 +104,14 @@ def probe(settings: dict, batch_size: int, precision: str, device: torch.device)
         for model in (eager, compiled):
             model.use_fused_attention(fused_attention(device, precision))
         compile_features(compiled)
-        timed_steps(eager, settings, batch_size, precision, device, 1)  # warm-up
-        first = timed_steps(compiled, settings, batch_size, precision, device, 1)[0]  # compiles
+        steps = {name: training_step(model, settings, batch_size, precision, device)
+                 for name, model in (("eager", eager), ("compiled", compiled))}
+        steps["eager"]()  # warm-up
+        first = steps["compiled"]()  # compiles
         times: dict[str, list[float]] = {"eager": [], "compiled": []}
         for _ in range(ROUNDS):  # alternating, so a change in the machine's load hits both alike
-            for name, model in (("eager", eager), ("compiled", compiled)):
-                times[name] += timed_steps(model, settings, batch_size, precision, device, 3)
+            for name, step in steps.items():
+                times[name] += [step() for _ in range(3)]
         eager_s, compiled_s = (statistics.median(times[name]) for name in ("eager", "compiled"))
         other = max(1, batch_size // 2)
         compile_s = first - compiled_s + timed_steps(compiled, settings, other, precision, device, 1)[0]

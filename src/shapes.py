@@ -126,14 +126,22 @@ def step_seconds(settings: dict, batch_size: int, precision: str, device: torch.
 def timed_steps(model: ViT, settings: dict, batch_size: int, precision: str, device: torch.device,
                 steps: int) -> list[float]:
     """The seconds of each of `steps` training steps of `model` (built with `settings`) on random images."""
+    step = training_step(model, settings, batch_size, precision, device)
+    return [step() for _ in range(steps)]
+
+
+def training_step(model: ViT, settings: dict, batch_size: int, precision: str,
+                  device: torch.device) -> Callable[[], float]:
+    """One training step of `model` on the same random images each time, with one AdamW throughout, as a
+    function that returns its seconds."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device, precision))
     size, patch = settings["image_size"], settings["patch_size"]
     patches = patchify(torch.randn(batch_size, settings.get("in_channels", 3), size, size), patch).to(device)
     labels = torch.randint(settings["num_classes"], (batch_size,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if "bf16" in precision else torch.float16,
                               enabled="mixed" in precision)
-    times = []
-    for _ in range(steps):
+
+    def step() -> float:
         start = time.perf_counter()
         with autocast:
             loss = F.cross_entropy(model(patches), labels)
@@ -142,8 +150,8 @@ def timed_steps(model: ViT, settings: dict, batch_size: int, precision: str, dev
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
+    return step
 
 
 def budget_seconds(max_time: object) -> float | None:
