@@ -29,7 +29,7 @@ from src.shapes import timed_steps, training_step
 
 CACHE = Path("data") / "compile-probe.json"  # relative to where train.py runs, as data/lightning/ is
 # Below this many seconds of training a run is not probed: the probe's own compile would take a tenth
-# of it, and on 2 cores compiling has never saved more than a sixth of a step (bench/RESULTS.md).
+# of it, and on 2 cores a compiled step was only 1.06-1.13x the eager one (bench/RESULTS.md).
 PROBE_FROM = 600.0
 ROUNDS = 6  # of three eager and three compiled steps, after the first of each (which compiles)
 
