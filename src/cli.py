@@ -28,10 +28,9 @@ import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolde
 from src.data.base import ImageDataModule, resolved_choices
 from src.errors import ConfigError, UserError
 from src.hardware import default_precision, default_recipe, fused_attention, run_device
-from src.models.classifier import ViTClassifier
+from src.models.classifier import ViTClassifier, compile_unavailable
 from src.models.vit import SETTINGS_DEFAULTS
 from src import compiling, shapes
-from src.models.classifier import compile_unavailable
 
 ROOT_DIR = "data/lightning"
 
@@ -340,9 +339,7 @@ class ViTCLI(LightningCLI):
         """The training step time of each family member for images of `native_size` px, measured now with
         the run's other network settings, batch size, precision and device (src.shapes.step_times)."""
         config = self.config
-        settings = {k: v for k, v in dict(config.model).items() if k in SETTINGS_DEFAULTS}
-        settings["patch_size"] = config.data.init_args.get("patch_size", 8)
-        return shapes.step_times(native_size, settings, self.batch_size, str(config.trainer.precision),
+        return shapes.step_times(native_size, self.network(), self.batch_size, str(config.trainer.precision),
                                  run_device(config.trainer.accelerator))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -2,12 +2,12 @@
 
 A compiled step is cheaper, but compiling takes 10 s to over a minute on 2 cores, inside the run's
 time, and more than once: training's graphs first, again at an epoch's last, smaller batch, and
-evaluation's at the first validation. So compiling pays when the steps
-it saves over the run outweigh that time: `pays` compares the steps each way fits in the run's
-seconds. `probe` times the run's own network on random images, eagerly and compiled, compile times
-included; the result is kept per machine, PyTorch version, device, precision, network and batch size
-in data/compile-probe.json, so only a network's first run pays for the probe. A run too short for
-compiling to pay even if it halved the step is not probed at all.
+evaluation's at the first validation. So compiling pays when the steps it saves over the run
+outweigh that time: `Probe.pays` compares the steps each way fits in the run's seconds. `probe`
+times the run's own network on random images, eagerly and compiled, compile times included; the
+result is kept per machine, PyTorch version, device, precision, network and batch size in
+data/compile-probe.json, so only a network's first run pays for the probe. A run shorter than
+PROBE_FROM is not probed at all.
 """
 
 from __future__ import annotations
