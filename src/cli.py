@@ -302,11 +302,13 @@ class ViTCLI(LightningCLI):
         key = compiling.machine_key(settings, self.batch_size, precision, device)
         known = compiling.cached(key)
         seconds = shapes.budget_seconds(config.trainer.max_time)
-        extent = data_class(config.data).extent(dict(config.data.init_args))
-        if (config.trainer.max_epochs or -1) > 0 and extent is not None:  # the epochs, at this machine's eager step
+        # The epochs at this machine's eager step, where they bound the run (only then is the data read ahead).
+        epochs_bound = (config.trainer.max_epochs or -1) > 0
+        extent = data_class(config.data).extent(dict(config.data.init_args)) if epochs_bound else None
+        if extent is not None:
             step = known.eager if known else shapes.step_seconds(settings, self.batch_size, precision, device,
                                                                  fused_attention(device, precision))
-            epochs = config.trainer.max_epochs * -(-extent[0] // self.batch_size) * step
+            epochs = config.trainer.max_epochs * shapes.steps_per_epoch(extent[0], self.batch_size) * step
             seconds = min(seconds or epochs, epochs)
         if seconds is None:
             return False, "Compile: off (the run's length is not known ahead)"

@@ -67,10 +67,15 @@ EPOCH_COST_S = 1.0
 TRAINED = 0.9
 
 
+def steps_per_epoch(train_images: int, batch_size: int) -> int:
+    """Training batches in an epoch of `train_images` images (the last one smaller)."""
+    return math.ceil(max(1, train_images) / batch_size)
+
+
 def expected_epochs(budget_s: float, train_images: int, step_s: float, batch_size: int) -> float:
     """The epochs `budget_s` seconds give `train_images` images at `step_s` seconds a batch."""
-    steps = math.ceil(max(1, train_images) / batch_size)
-    return TRAINED * budget_s / (steps * step_s * PIPELINE + EPOCH_COST_S)
+    epoch_s = steps_per_epoch(train_images, batch_size) * step_s * PIPELINE + EPOCH_COST_S
+    return TRAINED * budget_s / epoch_s
 
 
 @dataclass(frozen=True)

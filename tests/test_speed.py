@@ -140,6 +140,13 @@ def test_compile_auto_skips_the_probe_for_a_short_run_and_a_typed_value_wins(com
     assert make("--model.compile", "true", "--trainer.max_time", "00:00:01:00") is True and calls == []
 
 
+def test_compile_auto_without_a_budget_reads_the_runs_length_from_its_epochs(compile_cli, caplog):
+    make, calls = compile_cli
+    assert make("--model.compile", "auto") is False and calls == []  # the recipe's 30 epochs of 1 batch
+    assert "s of training, under 10 minutes" in caplog.text
+    assert make("--model.compile", "auto", "--trainer.max_epochs", "100000") is True and calls == [128]
+
+
 def test_a_probe_that_cannot_be_saved_does_not_stop_the_run(monkeypatch, tmp_path):
     monkeypatch.setattr(compiling, "CACHE", tmp_path / "data" / "compile-probe.json")
 
