@@ -12,6 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from conftest import FLOWERS17, REPO, image_number
 import src.data.flowers17 as flowers
@@ -207,6 +208,27 @@ def test_device_augmentation_of_the_cached_photos(flowers17: Path, targets: str)
     for view in (0, 1):
         pixels = ((unpatchify(patches[:, view], 8) * std + mean) * 255).round()  # (B, C, H, W)
         assert [image_number(image) for image in pixels] == [files[i] for i in indices]
+
+
+def test_padded_crops_train_on_photos_cached_at_the_training_size(flowers17: Path):
+    for augment_on in ("loader", "device"):
+        dm = datamodule(flowers17, crop="pad", augment="none", augment_on=augment_on, batch_size=4)
+        assert dm.cache_size == 16 and dm.crop_scale is None
+        dm.setup("fit")
+        if augment_on == "device":
+            assert dm.batch_augment.size is None and dm.batch_augment.padding == 2  # a padded crop, as CIFAR's
+            assert tuple(dm.train_set.images.shape[1:3]) == (16, 16)
+        else:
+            assert not any(isinstance(t, v2.RandomResizedCrop) for t in dm.train_transform.transforms)
+        batch = next(iter(dm.train_dataloader()))
+        dm.trainer = type("T", (), {"training": True})()
+        patches, _ = dm.on_after_batch_transfer(batch, 0) if augment_on == "device" else dm.training_batch(batch)
+        assert patches.shape == (4, 4, 8 * 8 * 3)
+    assert datamodule(flowers17).crop_scale == (0.35, 1.0) and datamodule(flowers17).cache_size == 32
+    with pytest.raises(ConfigError, match="crop must be pad or resize"):
+        datamodule(flowers17, crop="centre")
+    with pytest.raises(ConfigError, match="leave cache_size unset"):
+        datamodule(flowers17, crop="pad", cache_size=32)
 
 
 def test_instance_targets_are_dataset_indices_stable_under_shuffling(flowers17: Path):

@@ -27,6 +27,7 @@ from torchvision.datasets.utils import check_integrity, download_and_extract_arc
 from tqdm.auto import tqdm
 
 from src.data.base import ImageDataModule, TransformedSubset, kept_only_if_done, stratified_split
+from src.data.transforms import Crop, checked_crop_scale
 from src.images import IMAGENET_MEAN, IMAGENET_STD
 from src.errors import ConfigError, DataError
 
@@ -195,6 +196,10 @@ class Flowers17DataModule(ImageDataModule):
     classifier on its features, fitted on the class-labelled training images, scores the validation
     images (`evaluation` "knn"); the class labels train nothing until fine-tuning.
 
+    `crop` is "resize" (random resized crops of `crop_scale` of a square cached at twice the training
+    size) or "pad" (reflect-padded random crops of the photos cached at the training size, as the CPU
+    recipe trains small images).
+
     `train_on: train+val` trains on the 1 020 images of both splits. Validation still runs on the val
     images, but they are no longer held out: it then measures fit, `validation_held_out` is False and
     train.py tests the last weights instead of a checkpoint chosen on it.
@@ -208,6 +213,7 @@ class Flowers17DataModule(ImageDataModule):
         image_size: int = 64,
         cache_size: int | None = None,
         cache_dir: str = "data/cache",
+        crop: Crop = "resize",
         crop_scale: tuple[float, float] = (0.35, 1.0),
         targets: Targets = "class",
         train_on: TrainOn = "train",
@@ -227,15 +233,21 @@ class Flowers17DataModule(ImageDataModule):
         self._downloaded = False
         self.set_image(image_size, mean, std)
         self.choose_hflip(True, "declared for Flowers-17: photos of flowers seen from either side")
-        # Twice the training size by default: random crops of the cached square keep their detail.
-        self.cache_size = 2 * image_size if cache_size is None else cache_size
+        if crop not in ("pad", "resize"):
+            raise ConfigError(f"crop must be pad or resize, got {crop!r}")
+        # Random resized crops: twice the training size by default, so the crops of the cached square keep
+        # their detail. Padded crops cut the training size itself.
+        self.cache_size = (2 if crop == "resize" else 1) * image_size if cache_size is None else cache_size
         if self.cache_size < image_size:
             raise ConfigError(f"cache_size={self.cache_size} is smaller than image_size={image_size}")
+        if crop == "pad" and self.cache_size != image_size:
+            raise ConfigError(f"crop pad cuts the {image_size} px training images themselves: leave cache_size "
+                              f"unset (it was {self.cache_size})")
         self.root = Path(root)
         self.download = download
         self.split = split
         self.cache_dir = Path(cache_dir)
-        self.crop_scale = tuple(crop_scale)
+        self.crop_scale = checked_crop_scale(crop_scale) if crop == "resize" else None
         self.targets = targets
         self.train_on = train_on
         training = SPLIT_SIZES["train"] + (SPLIT_SIZES["val"] if train_on == "train+val" else 0)

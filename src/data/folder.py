@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from src.data.base import ImageDataModule, TransformedSubset, stratified_split
 from src.data.facts import measure_folder
-from src.data.transforms import checked_crop_scale
+from src.data.transforms import Crop, checked_crop_scale
 from src.errors import ConfigError, DataError
 from src.images import patch_grid
 
@@ -76,11 +76,6 @@ def has_image_header(path: str) -> bool:
         return False
 
 
-# How training crops an image: a reflect-padded random crop of the image at the training size ("pad",
-# CIFAR's), or a random resized crop of the larger original ("resize"). Not chosen from the images'
-# size: on Flowers-17 photos (500 px) trained at 32 px for 5 minutes, "pad" reached 83.1 % validation
-# accuracy, "resize" 72.8 % (crop_scale 0.35-1) and 79.4 % (0.8-1) (bench/RESULTS.md).
-Crop = Literal["pad", "resize"]
 EVAL_CACHE_BYTES = 512 * 2**20  # evaluation samples (float32) a split's loader keeps in memory, at most
 PHOTO = 2  # with "resize" and augment_on: device, photos are kept at this many times the training size
 
