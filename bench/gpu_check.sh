@@ -46,7 +46,7 @@ case "${1:-}" in
     install_missing
     runs=$(mktemp -d)
     python train.py --data ImageFolderDataModule --data.root "$folder/data" --trainer.fast_dev_run 1 \
-      --checkpoint.dirpath "$runs" 2>&1 | grep -E "^(Recipe|Precision|Data|test/acc =)|rror"
+      --checkpoint.dirpath "$runs" 2>&1 | grep -E "^(Recipe|Precision|Data|test/acc =)|[Ee]rror"
     python -m pytest -m gpu -q -p no:cacheprovider | tail -1
     rm -rf "$runs"
     echo "rehearsal passed: train.py ran on the GPU machine's packages and the prepared wheels alone"
@@ -76,7 +76,7 @@ step() {  # step TITLE SECONDS COMMAND...: run it for at most SECONDS, keep its 
   echo "\`$*\`" | tee -a "$log"
   local start=$SECONDS
   timeout -k 10 "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v -i "warning\|warn(" | tee -a "$raw" | grep -E \
-    "passed|failed|skipped|SKIPPED|FAILED|^model|^device|^data|^epochs|^end-to-end|^model only|^ratio|^work|^waiting|^memory|^augment|^(Recipe|Precision|Shape|Data|Mirror|Schedule|Budget|Compile|Augmentation): |test/acc =|stopped|rror" \
+    "passed|failed|skipped|SKIPPED|FAILED|^model|^device|^data|^epochs|^end-to-end|^model only|^ratio|^work|^waiting|^memory|^augment|^(Recipe|Precision|Shape|Data|Mirror|Schedule|Budget|Compile|Augmentation): |test/acc =|stopped|[Ee]rror" \
     | tee -a "$log"
   local status=${PIPESTATUS[0]}
   [ "$status" = 124 ] && echo "(stopped at its ${limit} s limit)" | tee -a "$log"
