@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 from src.checkpoints import read_checkpoint
 from src.errors import ConfigError, DivergedError
@@ -355,16 +356,25 @@ class ViTClassifier(pl.LightningModule):
             self.load_backbone(self.hparams.init_from)
 
     def load_backbone(self, path: str | Path) -> None:
-        """Copy every weight but the head from a checkpoint of a ViT with the same backbone."""
+        """Copy every weight but the head from a checkpoint of a ViT with the same backbone. A backbone
+        trained at another image size (so another token grid) fits too: its position embeddings are
+        resized to this grid (torchvision's `interpolate_embeddings`, bicubic, the class token kept)."""
         saved, state, _ = read_checkpoint(Path(path))
         backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
         expected = {k: v for k, v in self.model.state_dict().items() if not k.startswith("head.")}
-        problems = fit_problems(saved, dict(self.hparams), [k for k in ARCHITECTURE if k != "num_classes"],
-                                backbone, expected)
+        resized = ""
+        if saved.get("image_size") != self.hparams.image_size and "pos_embed" in backbone:
+            size, patch = self.hparams.image_size, self.hparams.patch_size
+            backbone["pos_embed"] = interpolate_embeddings(
+                size, patch, {"encoder.pos_embedding": backbone["pos_embed"]})["encoder.pos_embedding"]
+            resized = (f"; its position embeddings resized from {saved.get('image_size')} px to {size} px "
+                       f"({(size // patch) ** 2} tokens)")
+        keys = [k for k in ARCHITECTURE if k not in ("num_classes", "image_size")]
+        problems = fit_problems(saved, dict(self.hparams), keys, backbone, expected)
         if problems:
             raise ConfigError(f"init_from {path}: its backbone does not fit this model: {'; '.join(problems[:3])}")
         self.model.load_state_dict(backbone, strict=False)
-        rank_zero_info(f"Initialised the backbone from {path} ({len(backbone)} tensors); "
+        rank_zero_info(f"Initialised the backbone from {path} ({len(backbone)} tensors{resized}); "
                        f"the {self.hparams.num_classes}-class head starts fresh.")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
