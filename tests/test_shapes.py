@@ -120,3 +120,28 @@ def test_a_resumed_run_keeps_its_checkpoints_shape(monkeypatch, tmp_path: Path, 
     run.build()
     assert probed == [] and run.config.shape == "s48" and run.datamodule.image_size == 48
     assert "--shape s48" in caplog.text
+
+
+@pytest.mark.parametrize("budget, shape, size", [("00:00:03:00", "s32", 32), ("00:00:10:00", "s64", 64)])
+def test_the_flowers17_recipe_fits_its_shape_to_the_budget(monkeypatch, tmp_path: Path, flowers17: Path, probed,
+                                                           budget, shape, size):
+    monkeypatch.chdir(tmp_path)
+    run = ViTCLI(args=["--config", str(REPO / "configs/flowers17.yaml"), "--data.root", str(flowers17),
+                       "--data.download", "false", "--data.num_workers", "0", "--trainer.logger", "false",
+                       "--model.compile", "false", "--trainer.max_time", budget])
+    run.build()
+    assert run.config.shape == shape
+    # Padded crops of photos decoded at the chosen size, by the network of that size.
+    assert (run.datamodule.image_size, run.datamodule.cache_size, run.datamodule.crop_scale) == (size, size, None)
+    assert (run.model.hparams.image_size, run.model.hparams.dim) == (size, 128)
+
+
+def test_the_flowers17_recipe_without_a_budget_is_its_own_network(monkeypatch, tmp_path: Path, flowers17: Path,
+                                                                  probed):
+    monkeypatch.chdir(tmp_path)
+    run = ViTCLI(args=["--config", str(REPO / "configs/flowers17.yaml"), "--data.root", str(flowers17),
+                       "--data.download", "false", "--data.num_workers", "0", "--trainer.logger", "false",
+                       "--model.compile", "false"])
+    run.build()
+    assert probed == [] and run.config.shape == "recipe"
+    assert (run.datamodule.image_size, run.model.hparams.dim, run.model.hparams.depth) == (64, 192, 6)
