@@ -123,13 +123,13 @@ def test_a_resumed_run_keeps_its_checkpoints_shape(monkeypatch, tmp_path: Path, 
 
 
 @pytest.mark.parametrize("budget, shape, size", [("00:00:03:00", "s32", 32), ("00:00:30:00", "s64", 64)])
-def test_the_flowers17_recipe_fits_its_shape_to_the_budget(monkeypatch, tmp_path: Path, flowers17: Path,
+def test_the_flowers17_recipe_fits_its_shape_to_the_budget(monkeypatch, tmp_path: Path, flowers17_pristine: Path,
                                                            budget, shape, size):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(shapes, "step_seconds", lambda settings, *args: fake_step(next(
         s for s in shapes.FAMILY if (s.image_size, s.dim, s.depth) == (settings["image_size"], settings["dim"],
                                                                         settings["depth"]))))
-    run = ViTCLI(args=["--config", str(REPO / "configs/flowers17.yaml"), "--data.root", str(flowers17),
+    run = ViTCLI(args=["--config", str(REPO / "configs/flowers17.yaml"), "--data.root", str(flowers17_pristine),
                        "--data.download", "false", "--data.num_workers", "0", "--trainer.logger", "false",
                        "--model.compile", "false", "--trainer.max_time", budget])
     run.build()
@@ -139,10 +139,10 @@ def test_the_flowers17_recipe_fits_its_shape_to_the_budget(monkeypatch, tmp_path
     assert (run.model.hparams.image_size, run.model.hparams.dim) == (size, 128)
 
 
-def test_the_flowers17_recipe_without_a_budget_is_its_own_network(monkeypatch, tmp_path: Path, flowers17: Path,
+def test_the_flowers17_recipe_without_a_budget_is_its_own_network(monkeypatch, tmp_path: Path, flowers17_pristine: Path,
                                                                   probed):
     monkeypatch.chdir(tmp_path)
-    run = ViTCLI(args=["--config", str(REPO / "configs/flowers17.yaml"), "--data.root", str(flowers17),
+    run = ViTCLI(args=["--config", str(REPO / "configs/flowers17.yaml"), "--data.root", str(flowers17_pristine),
                        "--data.download", "false", "--data.num_workers", "0", "--trainer.logger", "false",
                        "--model.compile", "false"])
     run.build()
