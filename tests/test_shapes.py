@@ -20,6 +20,12 @@ def fake_step(shape: shapes.Shape) -> float:
     return COST[shape.name]
 
 
+def family_member(settings: dict) -> shapes.Shape:
+    """The shape of the family that a probed network's `settings` are."""
+    return next(s for s in shapes.FAMILY
+                if (s.image_size, s.dim, s.depth) == (settings["image_size"], settings["dim"], settings["depth"]))
+
+
 def test_a_longer_budget_gets_a_larger_shape_and_a_shorter_one_a_smaller():
     chosen = {minutes: shapes.choose(60 * minutes, 1000, 500, fake_step, 128).shape.name for minutes in (1, 15, 60)}
     order = [shape.name for shape in shapes.FAMILY]
@@ -65,6 +71,12 @@ def cli(folder: Path, *flags: str) -> ViTCLI:
                         "--model.compile", "false", *flags])
 
 
+def flowers17_cli(root: Path, *flags: str) -> ViTCLI:
+    return ViTCLI(args=["--config", str(REPO / "configs/flowers17.yaml"), "--data.root", str(root),
+                        "--data.download", "false", "--data.num_workers", "0", "--trainer.logger", "false",
+                        "--model.compile", "false", *flags])
+
+
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "photos", classes=2, per_class=10, size=80)
@@ -76,8 +88,7 @@ def probed(monkeypatch) -> list[str]:
     measured: list[str] = []
 
     def step_seconds(settings: dict, *args) -> float:
-        shape = next(s for s in shapes.FAMILY if (s.image_size, s.dim, s.depth) ==
-                     (settings["image_size"], settings["dim"], settings["depth"]))
+        shape = family_member(settings)
         measured.append(shape.name)
         return fake_step(shape) / 100  # 16 training images: every shape trains 100 epochs
     monkeypatch.setattr(shapes, "step_seconds", step_seconds)
@@ -126,12 +137,8 @@ def test_a_resumed_run_keeps_its_checkpoints_shape(monkeypatch, tmp_path: Path, 
 def test_the_flowers17_recipe_fits_its_shape_to_the_budget(monkeypatch, tmp_path: Path, flowers17_pristine: Path,
                                                            budget, shape, size):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(shapes, "step_seconds", lambda settings, *args: fake_step(next(
-        s for s in shapes.FAMILY if (s.image_size, s.dim, s.depth) == (settings["image_size"], settings["dim"],
-                                                                        settings["depth"]))))
-    run = ViTCLI(args=["--config", str(REPO / "configs/flowers17.yaml"), "--data.root", str(flowers17_pristine),
-                       "--data.download", "false", "--data.num_workers", "0", "--trainer.logger", "false",
-                       "--model.compile", "false", "--trainer.max_time", budget])
+    monkeypatch.setattr(shapes, "step_seconds", lambda settings, *args: fake_step(family_member(settings)))
+    run = flowers17_cli(flowers17_pristine, "--trainer.max_time", budget)
     run.build()
     assert run.config.shape == shape
     # Padded crops of photos decoded at the chosen size, by the network of that size.
@@ -142,9 +149,7 @@ def test_the_flowers17_recipe_fits_its_shape_to_the_budget(monkeypatch, tmp_path
 def test_the_flowers17_recipe_without_a_budget_is_its_own_network(monkeypatch, tmp_path: Path, flowers17_pristine: Path,
                                                                   probed):
     monkeypatch.chdir(tmp_path)
-    run = ViTCLI(args=["--config", str(REPO / "configs/flowers17.yaml"), "--data.root", str(flowers17_pristine),
-                       "--data.download", "false", "--data.num_workers", "0", "--trainer.logger", "false",
-                       "--model.compile", "false"])
+    run = flowers17_cli(flowers17_pristine)
     run.build()
     assert probed == [] and run.config.shape == "recipe"
     assert (run.datamodule.image_size, run.model.hparams.dim, run.model.hparams.depth) == (64, 192, 6)

@@ -27,7 +27,7 @@ from torchvision.datasets.utils import check_integrity, download_and_extract_arc
 from tqdm.auto import tqdm
 
 from src.data.base import ImageDataModule, TransformedSubset, kept_only_if_done, stratified_split
-from src.data.transforms import Crop, checked_crop_scale
+from src.data.transforms import Crop, crop_scale_for
 from src.images import IMAGENET_MEAN, IMAGENET_STD
 from src.errors import ConfigError, DataError
 
@@ -233,8 +233,7 @@ class Flowers17DataModule(ImageDataModule):
         self._downloaded = False
         self.set_image(image_size, mean, std)
         self.choose_hflip(True, "declared for Flowers-17: photos of flowers seen from either side")
-        if crop not in ("pad", "resize"):
-            raise ConfigError(f"crop must be pad or resize, got {crop!r}")
+        self.crop_scale = crop_scale_for(crop, crop_scale)
         # Random resized crops: twice the training size by default, so the crops of the cached square keep
         # their detail. Padded crops cut the training size itself.
         self.cache_size = (2 if crop == "resize" else 1) * image_size if cache_size is None else cache_size
@@ -247,7 +246,6 @@ class Flowers17DataModule(ImageDataModule):
         self.download = download
         self.split = split
         self.cache_dir = Path(cache_dir)
-        self.crop_scale = checked_crop_scale(crop_scale) if crop == "resize" else None
         self.targets = targets
         self.train_on = train_on
         training = SPLIT_SIZES["train"] + (SPLIT_SIZES["val"] if train_on == "train+val" else 0)

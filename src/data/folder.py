@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from src.data.base import ImageDataModule, TransformedSubset, stratified_split
 from src.data.facts import measure_folder
-from src.data.transforms import Crop, checked_crop_scale
+from src.data.transforms import Crop, crop_scale_for
 from src.errors import ConfigError, DataError
 from src.images import patch_grid
 
@@ -118,12 +118,10 @@ class ImageFolderDataModule(ImageDataModule):
         for name, fraction in [("val_fraction", val_fraction), ("test_fraction", test_fraction)]:
             if not 0.0 < fraction < 1.0:
                 raise ConfigError(f"{name} must be between 0 and 1, got {fraction}")
-        if crop not in ("pad", "resize"):
-            raise ConfigError(f"crop must be pad or resize, got {crop!r}")
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.crop = crop
-        self.crop_scale = checked_crop_scale(crop_scale) if crop == "resize" else None
+        self.crop_scale = crop_scale_for(crop, crop_scale)
         self.class_names = self._class_names(self.split_dirs["train"])
         self.num_classes = len(self.class_names)
         for split in ("val", "test"):

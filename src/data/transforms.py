@@ -96,6 +96,14 @@ def train_transform(
 Crop = Literal["pad", "resize"]
 
 
+def crop_scale_for(crop: str, crop_scale: Sequence[float]) -> tuple[float, float] | None:
+    """A DataModule's `crop_scale` attribute for its `crop` setting: the checked share of the image's area
+    for random resized crops ("resize"), None for reflect-padded ones ("pad"); a ConfigError otherwise."""
+    if crop not in ("pad", "resize"):
+        raise ConfigError(f"crop must be pad or resize, got {crop!r}")
+    return checked_crop_scale(crop_scale) if crop == "resize" else None
+
+
 def checked_crop_scale(crop_scale: Sequence[float]) -> tuple[float, float]:
     """A random resized crop's (low, high) share of the image's area, or a ConfigError."""
     low, high = crop_scale
