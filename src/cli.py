@@ -17,12 +17,13 @@ import torch
 
 from jsonargparse import ActionYesNo, ArgumentError
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from src.callbacks import ExactResume, KeepLoggerVersion, StepCheckpoint, StopOnSignal, TensorBoardPictures, TimeBudget
+from src.callbacks import (AnnealedEarlyStopping, ExactResume, KeepLoggerVersion, StepCheckpoint, StopOnSignal,
+                           TensorBoardPictures, TimeBudget)
 from src.checkpoints import SafeCheckpointIO
 import src.data  # noqa: F401  (registers the DataModules, so `--data ImageFolderDataModule` resolves)
 from src.data.base import ImageDataModule, resolved_choices
@@ -148,7 +149,7 @@ class ViTCLI(LightningCLI):
             }
         )
         parser.link_arguments("checkpoint.dirpath", "step_checkpoint.dirpath")
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(AnnealedEarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val/loss", "early_stopping.patience": 20})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})

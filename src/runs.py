@@ -188,8 +188,8 @@ def follow_knn(trainer: Trainer, datamodule: LightningDataModule) -> None:
             callback.filename = "epoch{epoch:03d}-knn{val/knn_acc:.4f}"
             switched.append("the best checkpoint")
         elif isinstance(callback, EarlyStopping) and callback.monitor in ("val/acc", "val/loss"):
-            trainer.callbacks[i] = EarlyStopping("val/knn_acc", min_delta=abs(callback.min_delta), mode="max",
-                                                 patience=callback.patience, verbose=callback.verbose)
+            trainer.callbacks[i] = type(callback)("val/knn_acc", min_delta=abs(callback.min_delta), mode="max",
+                                                  patience=callback.patience, verbose=callback.verbose)
             switched.append(f"early stopping (patience {callback.patience})")
     if switched:
         rank_zero_info(f"Validation scores the backbone by k-NN (val/knn_acc): {' and '.join(switched)} follow it")

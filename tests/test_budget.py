@@ -13,12 +13,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import pytest
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 import src.callbacks
 from conftest import REPO
-from src.callbacks import TimeBudget
+from src.callbacks import AnnealedEarlyStopping, TimeBudget
 from src.cli import ViTCLI
 from src.models.classifier import ViTClassifier, warmup_cosine
 
@@ -175,6 +175,24 @@ def test_the_final_weights_are_saved_when_no_validation_ends_the_last_epoch(monk
     saved = torch.load(tmp_path / "models/last.ckpt", weights_only=True)
     assert saved["global_step"] == trainer.global_step
     assert all(torch.equal(saved["state_dict"][k], v) for k, v in trainer.lightning_module.state_dict().items())
+
+
+@pytest.mark.parametrize("max_time, max_epochs", [(None, 20), (240, -1)])  # 20 epochs, by steps or by time
+def test_early_stopping_waits_for_the_learning_rate_to_fall(monkeypatch, tmp_path: Path, max_time, max_epochs):
+    # A metric that never improves after the first validation (an improvement must beat it by 10): Lightning's
+    # EarlyStopping stops after `patience` validations, at the peak learning rate; ours counts its patience
+    # only once the cosine is past its midpoint, the learning rate below half its peak.
+    stopped = {}
+    for stopper in (EarlyStopping("val/loss", min_delta=10.0, patience=2),
+                    AnnealedEarlyStopping("val/loss", min_delta=10.0, patience=2)):
+        trainer, tick = fit(monkeypatch, tmp_path, max_time=max_time, max_epochs=max_epochs, callbacks=[stopper])
+        assert trainer.should_stop and stopper.stopped_epoch > 0
+        stopped[type(stopper)] = (stopper.stopped_epoch, tick.lrs[max(tick.lrs)])
+    (plain, plain_lr), (annealed, annealed_lr) = stopped[EarlyStopping], stopped[AnnealedEarlyStopping]
+    assert plain == 2 and plain_lr > 0.9 * LR
+    assert 10 <= annealed <= 14 and annealed_lr < 0.5 * LR  # the midpoint is epoch 10.5 of 20; 2 more validations
+    # The key of Lightning's class: checkpoints saved with EarlyStopping resume its count.
+    assert AnnealedEarlyStopping("val/loss").state_key == EarlyStopping("val/loss").state_key
 
 
 @pytest.mark.parametrize("flags, max_epochs", [

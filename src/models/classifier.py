@@ -37,10 +37,18 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: float, min_ratio: f
     `total_steps` or when `time_progress` (the share of the post-warm-up time already used) reaches 1,
     whichever comes first; `total_steps` may be inf.
     """
-    if step < warmup_steps and warmup_time < 1.0:
+    progress = cosine_progress(step, warmup_steps, total_steps, time_progress, warmup_time)
+    if progress is None:
         return max((step + 1) / warmup_steps, warmup_time)
-    progress = max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_progress)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_progress(step: int, warmup_steps: int, total_steps: float, time_progress: float = 0.0,
+                    warmup_time: float = 0.0) -> float | None:
+    """How far `warmup_cosine`'s cosine has come, from 0 to 1; None while it is still warming up."""
+    if step < warmup_steps and warmup_time < 1.0:
+        return None
+    return min(1.0, max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_progress))
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
@@ -73,6 +81,11 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         factor = warmup_cosine(self.last_epoch, self.warmup_steps, self.total_steps, self.min_ratio,
                                self.time_progress, self.warmup_time)
         return [base * factor for base in self.base_lrs]
+
+    def progress(self) -> float | None:
+        """The cosine's progress at the current step, from 0 to 1; None during the warm-up."""
+        return cosine_progress(self.last_epoch, self.warmup_steps, self.total_steps, self.time_progress,
+                               self.warmup_time)
 
     def state_dict(self) -> dict:
         return {k: v for k, v in super().state_dict().items() if k not in self.PLAN}
