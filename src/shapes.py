@@ -4,7 +4,7 @@ With --trainer.max_time and a recipe that leaves its shape to the run (`shape: a
 each candidate's training step time on this machine (`step_seconds`: a few steps on random images, at
 start-up, in the run's precision), the number of training images, their native size and the budget,
 and picks what the equal-compute table in bench/RESULTS.md found best: the last shape of FAMILY that
-still trains for `MIN_EPOCHS` epochs in the budget, else the first. A run resumed from a checkpoint keeps
+still trains for `MIN_EPOCHS` epochs and `MIN_STEPS` steps in the budget, else the first. A run resumed from a checkpoint keeps
 that checkpoint's shape, and a typed --model.dim, --model.depth, --model.num_heads,
 --model.mlp_ratio, --data.image_size or --data.patch_size, or `--shape NAME`, is the user's word.
 """
@@ -43,7 +43,7 @@ class Shape:
         return f"{self.name} ({self.image_size} px, dim {self.dim}, depth {self.depth})"
 
 
-# In order of preference, each chosen over those before it once it gets MIN_EPOCHS epochs: more pixels
+# In order of preference, each chosen over those before it once it gets enough training: more pixels
 # before more width (on the Flowers-17 photos at 20 minutes s48 beat s32 on validation and m32 lost to
 # both; bench/RESULTS.md). Model-only step cost on a 2-core AVX2 EPYC in float32, relative to s32: m32
 # 2.3x, s48 2.0x, s64 3.9x. s32 is the CPU recipe's network.
@@ -57,7 +57,11 @@ BY_NAME = {shape.name: shape for shape in FAMILY}
 # The shape flags: typing any of them fixes the shape.
 SHAPE_FLAGS = ("--model.dim", "--model.depth", "--model.num_heads", "--model.mlp_ratio",
                "--data.image_size", "--data.patch_size")
-MIN_EPOCHS = 200  # a bigger shape is chosen only when it still trains this many epochs in the budget
+# A bigger shape is chosen only when it still trains this many epochs, and this many steps, in the budget:
+# on the Flowers-17 photos s48 lost to s32 with 109 epochs of 9 steps and won with 219 (1 971 steps); on
+# 680 of them (flowers17.yaml), 6 steps an epoch, s64 with 207 epochs (1 242 steps) lost to s48 with 400.
+MIN_EPOCHS = 200
+MIN_STEPS = 1800
 # How the model-only step time becomes an epoch's time, as measured end to end through train.py on a
 # 2-core AVX2 EPYC (bench/RESULTS.md, "The shape family at equal compute"): the training steps take
 # PIPELINE times their model-only time (augmentation, loading), and each epoch adds about EPOCH_COST_S
@@ -82,15 +86,23 @@ def expected_epochs(budget_s: float, train_images: int, step_s: float, batch_siz
     return TRAINED * budget_s / epoch_s
 
 
+def enough(epochs: float, steps_per_epoch: int) -> bool:
+    """Whether `epochs` of `steps_per_epoch` steps are enough training for a bigger shape to win."""
+    return epochs >= MIN_EPOCHS and epochs * steps_per_epoch >= MIN_STEPS
+
+
 @dataclass(frozen=True)
 class Choice:
     shape: Shape
     epochs: dict[str, float]  # expected epochs of each candidate in the budget
+    steps_per_epoch: int
 
     def __str__(self) -> str:
         expected = ", ".join(f"{name} {epochs:.0f}" for name, epochs in self.epochs.items())
-        why = (f"the family's last that trains {MIN_EPOCHS} epochs in the budget" if self.epochs[self.shape.name] >= MIN_EPOCHS
-               else f"the smallest: none trains {MIN_EPOCHS} epochs in the budget")
+        need = f"{MIN_EPOCHS} epochs and {MIN_STEPS} steps"
+        why = (f"the family's last that trains {need} in the budget"
+               if enough(self.epochs[self.shape.name], self.steps_per_epoch)
+               else f"the smallest: none trains {need} in the budget")
         return (f"Shape: {self.shape}, {why} (expected epochs from this machine's step time: {expected}); "
                 "override with --shape NAME or --model.dim/--model.depth/--data.image_size")
 
@@ -106,8 +118,9 @@ def choose(budget_s: float, train_images: int, native_size: int, step_s: Callabl
     the step time of a batch of `batch_size` images that `step_s` measures for each candidate."""
     shapes = candidates(native_size)
     epochs = {shape.name: expected_epochs(budget_s, train_images, step_s(shape), batch_size) for shape in shapes}
-    fits = [shape for shape in shapes if epochs[shape.name] >= MIN_EPOCHS]
-    return Choice(fits[-1] if fits else shapes[0], epochs)  # the family's order is its preference
+    steps = steps_per_epoch(train_images, batch_size)
+    fits = [shape for shape in shapes if enough(epochs[shape.name], steps)]
+    return Choice(fits[-1] if fits else shapes[0], epochs, steps)  # the family's order is its preference
 
 
 def step_times(native_size: int, settings: dict, batch_size: int, precision: str,

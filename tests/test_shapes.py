@@ -33,6 +33,15 @@ def test_a_longer_budget_gets_a_larger_shape_and_a_shorter_one_a_smaller():
     assert chosen[1] == "s32" and chosen[60] == "s64"
 
 
+def test_a_few_hundred_images_need_the_steps_too():
+    # 300 images are 3 steps an epoch: in 400 s s64 trains 205 epochs, but 616 steps; every shape but s32
+    # falls short of MIN_STEPS, so s32 it is, where 1 000 images (8 steps) get s64 at the same step times.
+    few = shapes.choose(400, 300, 500, fake_step, 128)
+    assert few.epochs["s64"] >= shapes.MIN_EPOCHS and few.epochs["s64"] * 3 < shapes.MIN_STEPS
+    assert few.shape.name == "s32" and "1800 steps" in str(few)
+    assert shapes.choose(1800, 1000, 500, fake_step, 128).shape.name == "s64"
+
+
 def test_a_slower_machine_gets_a_smaller_shape_for_the_same_budget():
     fast = shapes.choose(1200, 1000, 500, fake_step, 128).shape
     slow = shapes.choose(1200, 1000, 500, lambda shape: 4 * fake_step(shape), 128).shape
