@@ -191,7 +191,7 @@ class AnnealedEarlyStopping(EarlyStopping):
     @property
     def state_key(self) -> str:
         # Lightning's EarlyStopping's key, so a checkpoint saved before this class resumes its state.
-        return f"EarlyStopping{ {'monitor': self.monitor, 'mode': self.mode}!r}"
+        return "EarlyStopping" + repr({"monitor": self.monitor, "mode": self.mode})
 
     def _run_early_stopping_check(self, trainer: Trainer) -> None:
         schedule = TimeBudget._schedule(trainer)

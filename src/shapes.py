@@ -4,9 +4,10 @@ With --trainer.max_time and a recipe that leaves its shape to the run (`shape: a
 each candidate's training step time on this machine (`step_seconds`: a few steps on random images, at
 start-up, in the run's precision), the number of training images, their native size and the budget,
 and picks what the equal-compute table in bench/RESULTS.md found best: the last shape of FAMILY that
-still trains for `MIN_EPOCHS` epochs and `MIN_STEPS` steps in the budget, else the first. A run resumed from a checkpoint keeps
-that checkpoint's shape, and a typed --model.dim, --model.depth, --model.num_heads,
---model.mlp_ratio, --data.image_size or --data.patch_size, or `--shape NAME`, is the user's word.
+still trains for `MIN_EPOCHS` epochs and `MIN_STEPS` steps in the budget, else the first. A run resumed
+from a checkpoint keeps that checkpoint's shape, and a typed --model.dim, --model.depth,
+--model.num_heads, --model.mlp_ratio, --data.image_size or --data.patch_size, or `--shape NAME`, is the
+user's word.
 """
 
 from __future__ import annotations
