@@ -170,6 +170,12 @@ class ExactResume(Callback):
         rng.restore(saved[trainer.global_rank])
 
 
+def warmup_cosine_of(trainer: Trainer) -> WarmupCosine | None:
+    """The run's warm-up + cosine schedule, if its optimiser has one."""
+    configs = trainer.lr_scheduler_configs
+    return configs[0].scheduler if configs and isinstance(configs[0].scheduler, WarmupCosine) else None
+
+
 class AnnealedEarlyStopping(EarlyStopping):
     """Lightning's EarlyStopping, whose patience counts only once the warm-up + cosine schedule is past its
     midpoint: the learning rate below half its peak.
@@ -194,7 +200,7 @@ class AnnealedEarlyStopping(EarlyStopping):
         return "EarlyStopping" + repr({"monitor": self.monitor, "mode": self.mode})
 
     def _run_early_stopping_check(self, trainer: Trainer) -> None:
-        schedule = TimeBudget._schedule(trainer)
+        schedule = warmup_cosine_of(trainer)
         progress = schedule.progress() if schedule is not None else 1.0
         self._counting = progress is not None and progress >= self.COUNT_FROM
         super()._run_early_stopping_check(trainer)
@@ -256,7 +262,7 @@ class TimeBudget(Callback):
                            f"final validation and test will take; {warmup}")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        schedule = self._schedule(trainer)
+        schedule = warmup_cosine_of(trainer)
         if self._timer is None or schedule is None:
             return
         elapsed, deadline = self._timer.time_elapsed(), self.deadline()
@@ -292,11 +298,6 @@ class TimeBudget(Callback):
         if not trainer.sanity_checking:
             end = self._validation_batches_end or time.monotonic()
             self.validations = [*self.validations, end - self._validation_start][-self.RECENT:]
-
-    @staticmethod
-    def _schedule(trainer: Trainer) -> WarmupCosine | None:
-        configs = trainer.lr_scheduler_configs
-        return configs[0].scheduler if configs and isinstance(configs[0].scheduler, WarmupCosine) else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"warmup_end": self.warmup_end, "validations": self.validations}
