@@ -251,7 +251,8 @@ class ViTCLI(LightningCLI):
         for section, values in shape.settings().items():
             settings = data if section == "data" else config.model
             for key, value in values.items():
-                if f"--{section}.{key}" not in typed and key in settings:
+                flag = f"--{section}.{key}"
+                if flag not in typed and flag not in self.given and key in settings:  # a typed value is the user's
                     settings[key] = value
         config.shape = shape.name
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from src.errors import ConfigError
@@ -79,3 +80,15 @@ def hflip_patches(patches: Tensor, patch_size: int) -> Tensor:
     h, w, C = _grid(patches, P, None)
     x = patches.reshape(*lead, h, w, P, P, C).flip(-4, -2)  # (*, h, w, P, P, C), w and column axes reversed
     return x.reshape(*lead, N, D)
+
+
+def resize_patches(patches: Tensor, patch_size: int, size: int) -> Tensor:
+    """The patches (*, N, P*P*C) of the same square images resized to `size` px (bilinear, antialiased):
+    (*, (size/P)**2, P*P*C). For progressive resizing: training batches at a lower resolution."""
+    *lead, N, _ = patches.shape
+    patch_grid(size, patch_size)
+    if math.isqrt(N) * patch_size == size:
+        return patches
+    images = unpatchify(patches, patch_size).flatten(0, -4)  # (B, C, H, W)
+    small = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return patchify(small.reshape(*lead, *small.shape[1:]), patch_size)

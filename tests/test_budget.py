@@ -69,14 +69,15 @@ def loaders() -> tuple[DataLoader, DataLoader]:
 
 def fit(monkeypatch, tmp_path: Path, max_time: int | None, max_epochs: int = -1, warmup_epochs: float = 1.0,
         save_at: int | None = None, resume: Path | None = None, seconds: float = 1.0,
-        warmup_share: float | None = TimeBudget.WARMUP_SHARE, **trainer_args) -> tuple[pl.Trainer, Tick]:
+        warmup_share: float | None = TimeBudget.WARMUP_SHARE, model_args: dict | None = None,
+        **trainer_args) -> tuple[pl.Trainer, Tick]:
     clock = FakeClock()
     fake_time = types.SimpleNamespace(monotonic=clock.monotonic)
     monkeypatch.setattr(pl.callbacks.timer, "time", fake_time)
     monkeypatch.setattr(src.callbacks, "time", fake_time)
     torch.manual_seed(0)
     model = ViTClassifier(num_classes=3, image_size=16, patch_size=4, dim=16, depth=1, num_heads=2,
-                          lr=LR, min_lr=MIN_LR, warmup_epochs=warmup_epochs, drop_path=0.0)
+                          lr=LR, min_lr=MIN_LR, warmup_epochs=warmup_epochs, drop_path=0.0, **(model_args or {}))
     tick = Tick(clock, save_at, tmp_path / "mid.ckpt", seconds)
     budget = TimeBudget()
     budget.warmup_share = warmup_share
@@ -193,6 +194,40 @@ def test_early_stopping_waits_for_the_learning_rate_to_fall(monkeypatch, tmp_pat
     assert 10 <= annealed <= 14 and annealed_lr < 0.5 * LR  # the midpoint is epoch 10.5 of 20; 2 more validations
     # The key of Lightning's class: checkpoints saved with EarlyStopping resume its count.
     assert AnnealedEarlyStopping("val/loss").state_key == EarlyStopping("val/loss").state_key
+
+
+class TokenCount(Callback):
+    """The tokens each training step's batch reached the network with, and those of every validation batch."""
+
+    def __init__(self) -> None:
+        self.train: dict[int, int] = {}
+        self.val: set[int] = set()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        def record(module, inputs):
+            (self.train.setdefault(trainer.global_step, inputs[0].shape[-2]) if trainer.training
+             else self.val.add(inputs[0].shape[-2]))
+        pl_module.model.patch_embed.register_forward_pre_hook(record)
+
+
+@pytest.mark.parametrize("max_time, max_epochs", [(None, 6), (160, -1)])  # 60 steps, by steps or by time
+def test_progressive_resizing_trains_small_images_first(monkeypatch, tmp_path: Path, max_time, max_epochs):
+    # 16 px images, 4 px patches: 16 tokens; at start_size 8 px, 4. The warm-up is 1 epoch (10 steps) and the
+    # switch comes when the cosine is 60 % of its way: by steps at step 10 + 0.6 x 50 = 40; by time (1 s a
+    # step, 2 s a validation) 60 % of the time between the warm-up's end and the deadline.
+    tokens = TokenCount()
+    trainer, _ = fit(monkeypatch, tmp_path, max_time=max_time, max_epochs=max_epochs, callbacks=[tokens],
+                     model_args={"start_size": 8, "start_share": 0.6})
+    switch = min(step for step, n in tokens.train.items() if n == 16)
+    assert set(tokens.train.values()) == {4, 16} and all(n == 4 for step, n in tokens.train.items() if step < switch)
+    assert all(n == 16 for step, n in tokens.train.items() if step >= switch)
+    assert tokens.val == {16}  # evaluation always sees the full images
+    schedule = trainer.lr_scheduler_configs[0].scheduler
+    if max_time is None:
+        assert switch == 40
+    else:
+        assert 0.55 < switch / trainer.global_step < 0.75  # of the steps: validations take some of the time
+    assert schedule.progress() == pytest.approx(1.0, abs=0.02)
 
 
 @pytest.mark.parametrize("flags, max_epochs", [

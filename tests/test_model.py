@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from src.errors import ConfigError
 from src.hardware import fused_adamw
 from src.models.classifier import ViTClassifier, param_groups, warmup_cosine
-from src.models.vit import Attention, ViT
+from src.images import patchify, resize_patches, unpatchify
+from src.models.vit import Attention, ViT, grid_positions
 
 TINY = dict(num_classes=5, image_size=16, patch_size=4, dim=32, depth=2, num_heads=4, mlp_ratio=2.0, drop_path=0.0)
 
@@ -31,6 +32,27 @@ def test_vit_shapes():
     maps = model.attention_maps(x)
     assert len(maps) == 2 and maps[0].shape == (3, 4, 17, 17)
     assert torch.allclose(maps[0].sum(-1), torch.ones(3, 4, 17))
+
+
+def test_smaller_images_reach_the_network_as_fewer_tokens_at_resized_positions():
+    # Progressive resizing: patches of 32 px images resized to 16 px are the patches of the 16 px images.
+    ramp = torch.linspace(0, 1, 32)
+    images = (ramp[None, :] + 2 * ramp[:, None]).expand(2, 3, 3, 32, 32)  # (B, V, C, H, W), smooth
+    small = resize_patches(patchify(images, 4), 4, 16)  # (B, V, 16, 48)
+    half = (2 * torch.arange(16) + 0.5) / 31  # the ramp at the 16 px image's pixel centres
+    assert small.shape == (2, 3, 16, 48)
+    error = (unpatchify(small, 4) - (half[None, :] + 2 * half[:, None])).abs()  # (B, V, C, 16, 16)
+    assert error[..., 1:-1, 1:-1].max() < 1e-5  # a linear ramp stays exact away from the border
+    full = patchify(images, 4)
+    assert resize_patches(full, 4, 32) is full
+    # The network's positions for the coarser grid come from its own grid (the class token's kept), and
+    # training through them teaches the grid itself.
+    model = ViT(**{**TINY, "image_size": 32})  # an 8x8 grid
+    pos = grid_positions(model.pos_embed, 16)
+    assert pos.shape == (1, 17, 32) and torch.equal(pos[0, 0], model.pos_embed[0, 0])
+    assert grid_positions(model.pos_embed, 64) is model.pos_embed
+    model(patches(image_size=16)).sum().backward()
+    assert model.pos_embed.grad[0, 1:].abs().sum(-1).min() > 0  # every position of the 8x8 grid learnt
 
 
 def test_fused_and_manual_attention_agree():
@@ -129,6 +151,9 @@ def test_warmup_cosine_schedule():
 def test_classifier_rejects_bad_values():
     with pytest.raises(ConfigError, match="lr"):
         ViTClassifier(lr=-1.0)
+    for start_size, start_share in [(32, 0.5), (6, 0.5), (16, 0.0), (2, 0.5)]:  # image 32 px, patch 4
+        with pytest.raises(ConfigError, match="progressive resizing"):
+            ViTClassifier(image_size=32, patch_size=4, start_size=start_size, start_share=start_share)
     with pytest.raises(ConfigError, match="class names"):
         ViTClassifier(num_classes=3, class_names=["a", "b"])
 

@@ -101,7 +101,7 @@ def test_init_from_another_image_size_resizes_the_position_embeddings(tmp_path: 
     # loads, and the position embeddings become the same function of the position on the finer grid.
     torch.manual_seed(0)
     pretrained = ViTClassifier(**{**TINY, "image_size": 16})
-    u = torch.linspace(0, 1, 4)  # interpolate_embeddings aligns the grids' corners
+    u = torch.linspace(0, 1, 4)  # grid_positions aligns the grids' corners
     smooth = (torch.sin(torch.pi * u)[:, None] + torch.cos(torch.pi * u)[None, :]).reshape(16)  # (16,)
     with torch.no_grad():
         pretrained.model.pos_embed[0, 1:] = smooth[:, None]  # one smooth function in every channel

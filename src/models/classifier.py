@@ -16,15 +16,14 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
-from torchvision.models.vision_transformer import interpolate_embeddings
 
 from src.checkpoints import read_checkpoint
 from src.errors import ConfigError, DivergedError
 from src.hardware import fused_adamw, fused_attention
 from src.models.knn import knn_accuracy
 from src.models.losses import ProjectionHead, info_nce
-from src.models.vit import ARCHITECTURE, ViT, upgrade_state_dict
-from src.images import IMAGENET_MEAN, IMAGENET_STD, hflip_patches
+from src.models.vit import ARCHITECTURE, ViT, grid_positions, upgrade_state_dict
+from src.images import IMAGENET_MEAN, IMAGENET_STD, hflip_patches, resize_patches
 from src.runs import fit_problems
 
 
@@ -177,10 +176,13 @@ class ViTClassifier(pl.LightningModule):
     first views, the contrastive term compares the two unmixed views (`CE_mixed + w * InfoNCE`).
     `init_from` starts a new run from another checkpoint's backbone (e.g. instance-discrimination
     pre-training) with a fresh head; `layer_decay` < 1 then lets the layers nearer the input learn
-    slower (`param_groups`). `compile` runs the ViT through `torch.compile` (in place, so
-    checkpoints are unchanged); where that cannot work, training goes on uncompiled with a warning.
-    "auto" is resolved by train.py before the model is built: compiled where it pays for the run's
-    length on this machine (src/compiling.py).
+    slower (`param_groups`). `start_size` > 0 is progressive resizing: until the cosine has come
+    `start_share` of its way (the warm-up included), training batches are resized to `start_size` px,
+    fewer tokens and so cheaper steps, and the position embeddings to their grid (`grid_positions`);
+    then, and for every evaluation, the images keep `image_size`. `compile` runs the ViT through
+    `torch.compile` (in place, so checkpoints are unchanged); where that cannot work, training goes on
+    uncompiled with a warning. "auto" is resolved by train.py before the model is built: compiled
+    where it pays for the run's length on this machine (src/compiling.py).
     `flip_tta` scores validation, test and classify.py on the mean logits of each image and its
     mirror image, when mirror images keep their class in this data (`hflip`, linked from the
     DataModule, which measures or declares it). With `evaluation`
@@ -200,6 +202,8 @@ class ViTClassifier(pl.LightningModule):
         layer_decay: float = 1.0,
         # training-loss regularisers (mixing is carried out by the DataModule)
         label_smoothing: float = 0.1,
+        start_size: int = 0,
+        start_share: float = 0.5,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         # the contrastive term
@@ -240,6 +244,10 @@ class ViTClassifier(pl.LightningModule):
                 f"{contrastive_weight}, {temperature} and {projection_dim}"
             )
         self.model = ViT(**vit)
+        size, patch = self.model.settings["image_size"], self.model.settings["patch_size"]
+        if start_size and not (patch <= start_size < size and start_size % patch == 0 and 0 < start_share <= 1):
+            raise ConfigError(f"progressive resizing needs a start_size that is a multiple of patch_size={patch} "
+                              f"below image_size={size}, and 0 < start_share <= 1; got {start_size} and {start_share}")
         num_classes = self.model.num_classes
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class names for num_classes={num_classes}")
@@ -267,6 +275,10 @@ class ViTClassifier(pl.LightningModule):
         # (B, [V,] N, P*P*C) with class targets (B,), or mixed by the DataModule: (V*B, N, P*P*C), (V*B, K);
         # or, for the contrastive term with mixing, those two unmixed, then mixed first views (B, N, P*P*C), (B, K).
         patches, targets, *mixed = batch
+        size = self.training_size()
+        if size != self.hparams.image_size:
+            patches = resize_patches(patches, hp.patch_size, size)
+            mixed = [resize_patches(mixed[0], hp.patch_size, size), *mixed[1:]] if mixed else mixed
         views = 1
         if patches.ndim == 4:  # (B, V, N, P*P*C): V augmentations of each image
             views = patches.shape[1]
@@ -306,6 +318,19 @@ class ViTClassifier(pl.LightningModule):
         self.train_metrics(logits, ce_targets)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
+
+    def training_size(self) -> int:
+        """The training images' size at this step: `start_size` until the cosine has come `start_share` of
+        its way (progressive resizing), then `image_size`."""
+        hp = self.hparams
+        if not hp.start_size:
+            return hp.image_size
+        progress = self.lr_schedulers().progress()
+        size = hp.start_size if progress is None or progress < hp.start_share else hp.image_size
+        if size != getattr(self, "_training_size", size):
+            rank_zero_info(f"Progressive resizing: training images at {size} px from step {self.global_step}")
+        self._training_size = size
+        return size
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         patches, targets = batch
@@ -371,15 +396,14 @@ class ViTClassifier(pl.LightningModule):
     def load_backbone(self, path: str | Path) -> None:
         """Copy every weight but the head from a checkpoint of a ViT with the same backbone. A backbone
         trained at another image size (so another token grid) fits too: its position embeddings are
-        resized to this grid (torchvision's `interpolate_embeddings`, bicubic, the class token kept)."""
+        resized to this grid (`grid_positions`: bicubic, the class token kept)."""
         saved, state, _ = read_checkpoint(Path(path))
         backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
         expected = {k: v for k, v in self.model.state_dict().items() if not k.startswith("head.")}
         resized = ""
         if saved.get("image_size") != self.hparams.image_size and "pos_embed" in backbone:
             size, patch = self.hparams.image_size, self.hparams.patch_size
-            backbone["pos_embed"] = interpolate_embeddings(
-                size, patch, {"encoder.pos_embedding": backbone["pos_embed"]})["encoder.pos_embedding"]
+            backbone["pos_embed"] = grid_positions(backbone["pos_embed"], (size // patch) ** 2)
             resized = (f"; its position embeddings resized from {saved.get('image_size')} px to {size} px "
                        f"({(size // patch) ** 2} tokens)")
         keys = [k for k in ARCHITECTURE if k not in ("num_classes", "image_size")]

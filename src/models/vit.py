@@ -9,6 +9,7 @@ that fix the architecture (`ARCHITECTURE`) and the values old checkpoints were t
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Literal
 
 import torch
@@ -242,10 +243,11 @@ class ViT(nn.Module):
             block.attn.fused_attn = fused
 
     def embed(self, patches: Tensor) -> Tensor:
-        """Tokens (B, N+1, D): the class token, then one per patch, with learned positions."""
+        """Tokens (B, N+1, D): the class token, then one per patch, with learned positions (resized to
+        the patches' grid when the images are smaller than `image_size`: progressive resizing)."""
         x = self.patch_embed(patches)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, D)
+        x = torch.cat([cls, x], dim=1) + grid_positions(self.pos_embed, x.shape[1])  # (B, N+1, D)
         return self.pos_drop(x)
 
     def forward_features(self, patches: Tensor) -> Tensor:
@@ -282,6 +284,20 @@ SETTINGS_DEFAULTS = {name: p.default for name, p in inspect.signature(ViT.__init
 ARCHITECTURE = tuple(name for name in SETTINGS_DEFAULTS if name not in ("dropout", "drop_path"))
 # Settings that checkpoints written before they existed do not record.
 ADDED_LATER = ("in_channels", "tokenizer", "global_pool", "stem_width")
+
+
+def grid_positions(pos_embed: Tensor, tokens: int) -> Tensor:
+    """Position embeddings (1, 1+n, D) of a square grid of n tokens, for a square grid of `tokens`: the
+    grid resized bicubically where it differs (as torchvision's `interpolate_embeddings`), the class token's
+    kept. Differentiable, so a network trained on smaller images learns its own grid through it."""
+    if pos_embed.shape[1] == tokens + 1:
+        return pos_embed
+    old, new = math.isqrt(pos_embed.shape[1] - 1), math.isqrt(tokens)
+    if old * old != pos_embed.shape[1] - 1 or new * new != tokens:
+        raise ValueError(f"position embeddings of {pos_embed.shape[1] - 1} tokens for {tokens}: not square grids")
+    grid = pos_embed[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=True)  # as torchvision does
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, tokens, -1)], dim=1)
 
 
 def saved_settings(hparams: dict) -> dict:
