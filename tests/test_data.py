@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from conftest import REPO, write_image_folder
 from src.data import CIFAR10DataModule, ImageFolderDataModule, PatchifyTransform
 from src.data.base import ImageDataModule, stratified_split
+from src.data.folder import load_rgb, square
 from src.data.device import BatchAugment
 from src.data.transforms import eval_transform, train_transform
 from src.errors import ConfigError, DataError
@@ -168,6 +169,28 @@ def test_image_folder_train_val_test_layout_and_resize(tmp_path: Path):
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (12, 4, 6)
     assert dm.val_set[0][0].shape == (4, 192)  # 48 px resized to 16 px, 2x2 patches of 8x8x3
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_still_resizes_the_same(tmp_path: Path):
+    # A 1 600 x 1 200 photo-like JPEG for a 32 px network: decoded at 1/8 (200 x 150, both sides >= 64),
+    # and after the resize to 32 px within 2 grey levels of the full decode on average.
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    pixels = np.stack([127 + 100 * np.sin(xx / 90.0), 127 + 100 * np.cos(yy / 70.0), (xx + yy) % 256], axis=-1)
+    photo = tmp_path / "ds" / "a" / "big.jpg"
+    photo.parent.mkdir(parents=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(photo, quality=90)
+    small, full = load_rgb(str(photo), at_least=64), load_rgb(str(photo))
+    assert full.size == (1600, 1200) and small.size == (200, 150)
+    assert (square(32)(small).float() - square(32)(full).float()).abs().mean() < 2.0
+    # The image folder decodes its evaluation and training images so: at twice the largest size it keeps.
+    (tmp_path / "ds" / "b").mkdir()
+    for k in range(3):
+        (tmp_path / "ds" / "a" / f"copy{k}.jpg").write_bytes(photo.read_bytes())
+        (tmp_path / "ds" / "b" / f"copy{k}.jpg").write_bytes(photo.read_bytes())
+    dm = ImageFolderDataModule(root=str(tmp_path / "ds"), image_size=32, patch_size=8, num_workers=0,
+                               val_fraction=0.25, test_fraction=0.25, hflip=True, mean=(0.5,) * 3, std=(0.5,) * 3)
+    dm.setup()
+    assert dm.val_set.dataset.loader(str(photo)).size == (200, 150)
 
 
 def test_image_folder_reads_grayscale_rgba_palette_and_16_bit(tmp_path: Path):
