@@ -251,8 +251,7 @@ class ViTCLI(LightningCLI):
         for section, values in shape.settings().items():
             settings = data if section == "data" else config.model
             for key, value in values.items():
-                flag = f"--{section}.{key}"
-                if flag not in typed and flag not in self.given and key in settings:  # a typed value is the user's
+                if f"--{section}.{key}" not in typed and key in settings:
                     settings[key] = value
         config.shape = shape.name
 

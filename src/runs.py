@@ -88,7 +88,8 @@ def repeat_choices(config: Any, checkpoint: dict) -> None:
             repeated.append(f"--data.{key} {str(value).lower() if isinstance(value, bool) else value}")
     if config.shape == "auto":
         trained = checkpoint.get("hyper_parameters") or {}
-        shape = next((s for s in BY_NAME.values() if s.trained(trained)), None)
+        shape = next((s for s in BY_NAME.values() if all(
+            trained.get(k) == v for values in s.settings().values() for k, v in values.items())), None)
         config.shape = shape.name if shape else "recipe"  # the config's values: resume_from says if they do not fit
         repeated.append(f"--shape {config.shape}")
     if repeated:

@@ -34,28 +34,14 @@ class Shape:
     dim: int
     depth: int
     num_heads: int  # 32 channels per head
-    start_size: int = 0  # px of the images in the first START_SHARE of training (progressive resizing); 0: none
 
-    def settings(self) -> dict[str, dict[str, int | float]]:
+    def settings(self) -> dict[str, dict[str, int]]:
         """The config values this shape sets, by section."""
         return {"data": {"image_size": self.image_size},
-                "model": {"dim": self.dim, "depth": self.depth, "num_heads": self.num_heads,
-                          "start_size": self.start_size, "start_share": START_SHARE}}
-
-    def trained(self, hparams: dict) -> bool:
-        """Whether a checkpoint's model settings are this shape's (from before progressive resizing: none)."""
-        return ((hparams.get("image_size"), hparams.get("dim"), hparams.get("depth"), hparams.get("num_heads"),
-                 hparams.get("start_size", 0)) == (self.image_size, self.dim, self.depth, self.num_heads, self.start_size))
-
-    def start(self) -> Shape:
-        """The network of the first phase: this one on `start_size` px images (itself without one)."""
-        if not self.start_size:
-            return self
-        return Shape(f"{self.name}@{self.start_size}", self.start_size, self.dim, self.depth, self.num_heads)
+                "model": {"dim": self.dim, "depth": self.depth, "num_heads": self.num_heads}}
 
     def __str__(self) -> str:
-        start = f", the first {START_SHARE:.0%} of the time at {self.start_size} px" if self.start_size else ""
-        return f"{self.name} ({self.image_size} px{start}, dim {self.dim}, depth {self.depth})"
+        return f"{self.name} ({self.image_size} px, dim {self.dim}, depth {self.depth})"
 
 
 # In order of preference, each chosen over those before it once it gets enough training: more pixels
@@ -88,9 +74,6 @@ MIN_STEPS = 1800
 PIPELINE = 1.1
 EPOCH_COST_S = 0.2
 TRAINED = 0.9
-# Progressive resizing: a member with a `start_size` trains on images of that size until the schedule is
-# this share of its way (ViTClassifier's `start_share`; under a budget, a share of the time).
-START_SHARE = 0.5
 
 
 def steps_per_epoch(train_images: int, batch_size: int) -> int:
@@ -102,17 +85,6 @@ def expected_epochs(budget_s: float, train_images: int, step_s: float, batch_siz
     """The epochs `budget_s` seconds give `train_images` images at `step_s` seconds a batch."""
     epoch_s = steps_per_epoch(train_images, batch_size) * step_s * PIPELINE + EPOCH_COST_S
     return TRAINED * budget_s / epoch_s
-
-
-def shape_epochs(shape: Shape, budget_s: float, train_images: int, step_s: Callable[[Shape], float],
-                 batch_size: int) -> float:
-    """The epochs `shape` trains in `budget_s`: with progressive resizing, START_SHARE of the time at the
-    first phase's step time (the schedule's progress is the time's under a budget), the rest at its own."""
-    epochs = expected_epochs(budget_s, train_images, step_s(shape), batch_size)
-    if not shape.start_size:
-        return epochs
-    return (START_SHARE * expected_epochs(budget_s, train_images, step_s(shape.start()), batch_size)
-            + (1 - START_SHARE) * epochs)
 
 
 def enough(epochs: float, steps_per_epoch: int) -> bool:
@@ -146,7 +118,7 @@ def choose(budget_s: float, train_images: int, native_size: int, step_s: Callabl
     """The shape for `budget_s` seconds of training on `train_images` images of `native_size` px, from
     the step time of a batch of `batch_size` images that `step_s` measures for each candidate."""
     shapes = candidates(native_size)
-    epochs = {shape.name: shape_epochs(shape, budget_s, train_images, step_s, batch_size) for shape in shapes}
+    epochs = {shape.name: expected_epochs(budget_s, train_images, step_s(shape), batch_size) for shape in shapes}
     steps = steps_per_epoch(train_images, batch_size)
     fits = [shape for shape in shapes if enough(epochs[shape.name], steps)]
     return Choice(fits[-1] if fits else shapes[0], epochs, steps)  # the family's order is its preference
@@ -157,16 +129,11 @@ def step_times(native_size: int, settings: dict, batch_size: int, precision: str
     """Each candidate's training step time, measured now: a ViT with the run's other `settings`, at its batch
     size and precision on its device. The run's random state is left as it was."""
     fused = fused_attention(device, precision)
-    times: dict[str, float] = {}
-    measured: dict[tuple[int, int, int, int], float] = {}  # a first phase is often another member's network
-    for shape in [phase for member in candidates(native_size) for phase in {member, member.start()}]:
-        key = (shape.image_size, shape.dim, shape.depth, shape.num_heads)
-        if key not in measured:
-            network = {**settings, "num_classes": 10, "image_size": shape.image_size, "dim": shape.dim,
-                       "depth": shape.depth, "num_heads": shape.num_heads}
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                measured[key] = step_seconds(network, batch_size, precision, device, fused)
-        times[shape.name] = measured[key]
+    times = {}
+    for shape in candidates(native_size):
+        network = {**settings, "num_classes": 10, **shape.settings()["data"], **shape.settings()["model"]}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            times[shape.name] = step_seconds(network, batch_size, precision, device, fused)
     return times
 
 
