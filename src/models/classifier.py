@@ -200,10 +200,10 @@ class ViTClassifier(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 5.0,
         layer_decay: float = 1.0,
+        start_size: int = 0,  # progressive resizing: the training images' size until start_share
+        start_share: float = 0.5,
         # training-loss regularisers (mixing is carried out by the DataModule)
         label_smoothing: float = 0.1,
-        start_size: int = 0,
-        start_share: float = 0.5,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         # the contrastive term
