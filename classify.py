@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     panels: list[tuple] = []
     for chunk in batches(samples, args.batch_size):
         # Decoded as the run's image folder decoded its evaluation images (JPEGs at reduced scale).
-        images = [load_rgb(str(img), at_least=2 * classifier.hparams["image_size"]) if isinstance(img, Path) else img
+        images = [load_rgb(str(img), size=classifier.hparams["image_size"]) if isinstance(img, Path) else img
                   for _, img, _ in chunk]
         patches = torch.stack([classifier.preprocess(img) for img in images]).to(device)  # (B, N, P*P*C)
         probabilities = classifier.probabilities(patches).cpu()

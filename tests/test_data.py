@@ -179,7 +179,7 @@ def test_large_jpegs_decode_at_a_reduced_scale_that_still_resizes_the_same(tmp_p
     photo = tmp_path / "ds" / "a" / "big.jpg"
     photo.parent.mkdir(parents=True)
     Image.fromarray(pixels.astype(np.uint8)).save(photo, quality=90)
-    small, full = load_rgb(str(photo), at_least=64), load_rgb(str(photo))
+    small, full = load_rgb(str(photo), size=32), load_rgb(str(photo))
     assert full.size == (1600, 1200) and small.size == (200, 150)
     assert (square(32)(small).float() - square(32)(full).float()).abs().mean() < 2.0
     # The image folder decodes its evaluation and training images so: at twice the largest size it keeps.

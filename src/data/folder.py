@@ -41,14 +41,20 @@ def as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str, at_least: int | None = None) -> Image.Image:
-    """Open any image PIL reads as RGB; name the file on failure. With `at_least`, a JPEG is decoded at
-    the smallest scale (1/2, 1/4, 1/8: PIL's draft mode) that keeps both sides at least that many px:
-    a 4 000 px photo for a 64 px network decodes many times faster."""
+def reduce_on_decode(image: Image.Image, size: int) -> None:
+    """Let a JPEG decode at the smallest scale (1/2, 1/4, 1/8: PIL's draft mode) that keeps both sides at
+    least twice `size`, so the antialiased resize to `size` still has the pixels it averages; a no-op for
+    other formats. A 4 000 px photo for a 64 px network decodes many times faster."""
+    image.draft("RGB", (2 * size, 2 * size))
+
+
+def load_rgb(path: str, size: int | None = None) -> Image.Image:
+    """Open any image PIL reads as RGB, for resizing to `size` px if given (`reduce_on_decode`); name the
+    file on failure."""
     try:
         with Image.open(path) as image:
-            if at_least:
-                image.draft("RGB", (at_least, at_least))
+            if size:
+                reduce_on_decode(image, size)
             return as_rgb(image)
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise DataError(f"cannot read image {path}: {error}") from error
@@ -65,7 +71,7 @@ def sample_image(path: str, size: int) -> tuple[torch.Tensor, tuple[int, int], b
     try:
         with Image.open(path) as image:
             native, gray = image.size, image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
-            image.draft("RGB", (2 * size, 2 * size))
+            reduce_on_decode(image, size)
             rgb = as_rgb(image)
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise DataError(f"cannot read image {path}: {error}") from error
@@ -197,10 +203,10 @@ class ImageFolderDataModule(ImageDataModule):
             )
         return names
 
-    def _scan(self, split: str, check_headers: bool = True, at_least: int | None = None) -> ImageFolder:
-        """The split's files, read by `load_rgb` (JPEGs decoded at `at_least` px or more)."""
+    def _scan(self, split: str, check_headers: bool = True, size: int | None = None) -> ImageFolder:
+        """The split's files, read by `load_rgb` (for resizing to `size` px, if given)."""
         try:
-            loader = functools.partial(load_rgb, at_least=at_least)
+            loader = functools.partial(load_rgb, size=size)
             dataset = ImageFolder(str(self.split_dirs[split]), loader=loader, is_valid_file=is_image_file)
         except FileNotFoundError as error:  # a class folder without a single image file
             raise DataError(f"{self.split_dirs[split]}: {error}") from error
@@ -213,10 +219,16 @@ class ImageFolderDataModule(ImageDataModule):
             raise DataError(f"cannot read image {bad[0]}{more}: not an image PIL can open; remove or replace it")
         return dataset
 
+    @property
+    def decoded_size(self) -> int:
+        """The largest size the run keeps its images at: `image_size`, or for the device's resized crops of
+        photos (`crop: resize`) PHOTO times that."""
+        return self.image_size * (PHOTO if self.crop == "resize" else 1)
+
     def _decode(self, dataset: ImageFolder, indices: Sequence[int]) -> torch.Tensor:
         """The images at `indices`, resized and centre-cropped to `image_size` (photos: to twice that,
         for the device's resized crops), as uint8 (N, H, W, 3)."""
-        size = self.image_size * (PHOTO if self.crop == "resize" else 1)
+        size = self.decoded_size
         resize = square(size)
         images = torch.empty(len(indices), size, size, 3, dtype=torch.uint8)
         for n, i in enumerate(tqdm(indices, desc="Decoding training images", leave=False,
@@ -227,10 +239,7 @@ class ImageFolderDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        # Decoded at twice the largest size kept (photos for the device's resized crops: twice image_size),
-        # so the antialiased resize after it still has the pixels it averages.
-        at_least = 2 * self.image_size * (PHOTO if self.crop == "resize" else 1)
-        train = self._scan("train", at_least=at_least)
+        train = self._scan("train", size=self.decoded_size)
         held_out = {
             split: max(1, round(fraction * len(train)))
             for split, fraction in [("val", self.val_fraction), ("test", self.test_fraction)]
@@ -240,7 +249,7 @@ class ImageFolderDataModule(ImageDataModule):
         sets = {split: (train, indices) for split, indices in zip(held_out, parts)}
         for split in ("val", "test"):
             if split not in sets:
-                dataset = self._scan(split, at_least=at_least)
+                dataset = self._scan(split, size=self.decoded_size)
                 sets[split] = (dataset, range(len(dataset)))
         if self.augment_on == "device":
             self.train_set = self.device_train_set(self._decode(train, rest), [train.targets[i] for i in rest])
