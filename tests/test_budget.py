@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import src.callbacks
 from conftest import REPO
-from src.callbacks import AnnealedEarlyStopping, TimeBudget
+from src.callbacks import AnnealedEarlyStopping, TimeBudget, warmup_cosine_of
 from src.cli import ViTCLI
 from src.models.classifier import ViTClassifier, warmup_cosine
 
@@ -222,7 +222,7 @@ def test_progressive_resizing_trains_small_images_first(monkeypatch, tmp_path: P
     assert set(tokens.train.values()) == {4, 16} and all(n == 4 for step, n in tokens.train.items() if step < switch)
     assert all(n == 16 for step, n in tokens.train.items() if step >= switch)
     assert tokens.val == {16}  # evaluation always sees the full images
-    schedule = trainer.lr_scheduler_configs[0].scheduler
+    schedule = warmup_cosine_of(trainer)
     if max_time is None:
         assert switch == 40
     else:
